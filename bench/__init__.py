@@ -1,0 +1,1 @@
+"""Benchmarking: tasks, splits, metrics, leaderboards (not yet implemented)."""

@@ -1,0 +1,46 @@
+"""Fixtures shared by every test package."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+#: The real data sets live beside the repository, never inside it.
+SHARED_DATA = Path(os.environ.get("VIRTUALST_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """Root of ../shared/data; skips the test when it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data not found at {SHARED_DATA} (set VIRTUALST_SHARED_DATA)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def her2st_dir(shared_data: Path) -> Path:
+    """The her2st directory in its original layout."""
+    path = shared_data / "her2st"
+    if not path.is_dir():
+        pytest.skip(f"{path} not found")
+    return path
+
+
+@pytest.fixture(scope="session")
+def mob_dir(shared_data: Path) -> Path:
+    """The STUtility mouse olfactory bulb directory."""
+    path = shared_data / "stutility_mob"
+    if not path.is_dir():
+        pytest.skip(f"{path} not found")
+    return path
+
+
+@pytest.fixture(scope="session")
+def visium_dir(shared_data: Path) -> Path:
+    """The cut-down Space Ranger v1 output."""
+    path = shared_data / "visium_tiny"
+    if not path.is_dir():
+        pytest.skip(f"{path} not found")
+    return path

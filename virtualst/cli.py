@@ -1,0 +1,146 @@
+"""The ``virtualst`` command line.
+
+Every user error (bad file, unknown encoder, missing weights) ends as one
+line on stderr and exit code 2; an interrupted run exits 130 and resumes
+when re-run.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional
+
+import typer
+
+from virtualst._version import __version__
+from virtualst.errors import VirtualSTError
+
+app = typer.Typer(
+    name="virtualst",
+    help="Virtual spatial transcriptomics: gene expression from H&E slides.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+USER_ERROR = 2
+
+
+def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn :class:`VirtualSTError` into a one-line message and exit code 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except VirtualSTError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(USER_ERROR) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted: finished batches are kept; run the same command again to resume", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"virtualst {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
+    ] = None,
+) -> None:
+    """Virtual spatial transcriptomics: gene expression from H&E slides."""
+
+
+@app.command()
+@user_errors
+def embed(
+    samples: Annotated[list[Path], typer.Argument(help="Sample files or directories (ST, Visium outs, HEST, .h5ad).")],
+    cache: Annotated[Path, typer.Option(help="Root directory of the embedding cache.")] = Path("cache"),
+    encoder: Annotated[str, typer.Option(help="Registry name, hf-hub:org/name or local-dir:/path.")] = "efficientnet_lite0",
+    weights: Annotated[Optional[str], typer.Option(help="Local weight file/directory overriding the source.")] = None,
+    tile_um: Annotated[float, typer.Option(help="Tile side in µm (default 112 = 224 px at 0.5 µm/px).")] = 112.0,
+    tile_px: Annotated[int, typer.Option(help="Tile side in pixels fed to the encoder.")] = 224,
+    spot_factor: Annotated[
+        Optional[float], typer.Option(help="Spot-diameter-matched tiles: side = spot diameter x this (overrides --tile-um).")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 64,
+    workers: Annotated[Optional[int], typer.Option(min=0, help="Tile-reading processes (default: auto).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
+    tta: Annotated[bool, typer.Option("--tta", help="Average over the 8 dihedral transforms.")] = False,
+    float16: Annotated[bool, typer.Option("--float16", help="Store features as float16.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Recompute existing caches.")] = False,
+) -> None:
+    """Embed the spot tiles of samples into the HDF5 cache (resumable)."""
+    from virtualst.embed.readers import read_all
+    from virtualst.embed.runner import EmbedSettings, embed_samples
+    from virtualst.embed.tiling import TileSpec
+
+    tile = TileSpec(px=tile_px, um=None, spot_factor=spot_factor) if spot_factor else TileSpec(px=tile_px, um=tile_um)
+    settings = EmbedSettings(
+        encoder=encoder,
+        tile=tile,
+        batch_size=batch_size,
+        num_workers=workers,
+        device=device,
+        tta=tta,
+        storage_dtype="float16" if float16 else "float32",
+        weights=weights,
+        overwrite=overwrite,
+    )
+    loaded = [sample for path in samples for sample in read_all(path)]
+    paths = embed_samples(loaded, cache, settings, show_progress=sys.stderr.isatty())
+    for path in paths:
+        typer.echo(str(path))
+
+
+@app.command()
+@user_errors
+def encoders(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """List the registered encoders."""
+    from virtualst.embed.encoders import list_encoders
+
+    rows = [
+        {
+            "name": c.name,
+            "dim": c.dim,
+            "weights": c.weights,
+            "gated": c.gated,
+            "precision": c.precision,
+            "pooling": c.pooling,
+            "license": c.license,
+        }
+        for c in list_encoders()
+    ]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    columns = list(rows[0])
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
+    typer.echo("  ".join(c.ljust(widths[c]) for c in columns))
+    for row in rows:
+        typer.echo("  ".join(str(row[c]).ljust(widths[c]) for c in columns))
+
+
+@app.command()
+@user_errors
+def info(path: Annotated[Path, typer.Argument(help="A sample (file or directory) or an embedding cache .h5.")]) -> None:
+    """Summarise a sample or an embedding cache file."""
+    from virtualst.embed.summary import describe
+
+    typer.echo(describe(path))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()
