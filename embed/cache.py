@@ -154,6 +154,26 @@ def is_complete(path: str | Path, expected_fingerprint: str | None = None) -> bo
     return expected_fingerprint is None or attrs.get("fingerprint") == expected_fingerprint
 
 
+def resume_point(path: str | Path, expected_fingerprint: str, n: int, dim: int) -> int:
+    """Rows already done in the unfinished cache of ``path`` (0 when there is none to resume).
+
+    Reads only: a partial file made with other settings is left for
+    :class:`CacheWriter` to replace.
+    """
+    partial = partial_path(Path(path))
+    try:
+        with h5py.File(partial, "r") as f:
+            if _matches(f, expected_fingerprint, n, dim):
+                return int(f.attrs["n_done"])
+    except OSError:
+        pass
+    return 0
+
+
+def _matches(f: h5py.File, expected_fingerprint: str, n: int, dim: int) -> bool:
+    return f.attrs.get("fingerprint") == expected_fingerprint and "features" in f and f["features"].shape == (n, dim)
+
+
 class CacheWriter:
     """Write one sample's embeddings batch by batch, resumably.
 
@@ -206,12 +226,7 @@ class CacheWriter:
             # A kill during a metadata write can leave an unreadable file: start over.
             self.partial.unlink()
             return None
-        ok = (
-            f.attrs.get("fingerprint") == self.fingerprint
-            and "features" in f
-            and f["features"].shape == (self.n, self.dim)
-        )
-        if not ok:
+        if not _matches(f, self.fingerprint, self.n, self.dim):
             f.close()
             self.partial.unlink()
             return None

@@ -73,12 +73,15 @@ def embed(
     spot_factor: Annotated[
         Optional[float], typer.Option(help="Spot-diameter-matched tiles: side = spot diameter x this (overrides --tile-um).")
     ] = None,
-    batch_size: Annotated[int, typer.Option(min=1)] = 64,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Tiles per forward pass (default: 16 CPU, 64 GPU).")] = None,
     workers: Annotated[Optional[int], typer.Option(min=0, help="Tile-reading processes (default: auto).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
     tta: Annotated[bool, typer.Option("--tta", help="Average over the 8 dihedral transforms.")] = False,
     float16: Annotated[bool, typer.Option("--float16", help="Store features as float16.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Recompute existing caches.")] = False,
+    all_spots: Annotated[
+        bool, typer.Option("--all-spots", help="Also embed spots outside the tissue (default: in-tissue only).")
+    ] = False,
 ) -> None:
     """Embed the spot tiles of samples into the HDF5 cache (resumable)."""
     from virtualst.embed.readers import read_all
@@ -98,6 +101,8 @@ def embed(
         overwrite=overwrite,
     )
     loaded = [sample for path in samples for sample in read_all(path)]
+    if not all_spots:
+        loaded = [sample.in_tissue() for sample in loaded]
     paths = embed_samples(loaded, cache, settings, show_progress=sys.stderr.isatty())
     for path in paths:
         typer.echo(str(path))

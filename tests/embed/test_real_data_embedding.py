@@ -12,7 +12,7 @@ from virtualst.embed.runner import EmbedSettings, FeatureExtractor, embed_sample
 
 @pytest.fixture(scope="module")
 def real_samples(her2st_dir, mob_dir):
-    samples = virtualst.read_all(her2st_dir) + virtualst.read_all(mob_dir)
+    samples = [s.in_tissue() for s in virtualst.read_all(her2st_dir) + virtualst.read_all(mob_dir)]
     assert sorted(s.sample_id for s in samples) == ["C2", "C3", "C4", "C5", "MOB1", "MOB2", "MOB3"]
     return samples
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from virtualst.embed.cache import partial_path, read_embeddings
-from virtualst.embed.runner import EmbedSettings, FeatureExtractor, embed_sample, embed_samples
+from virtualst.embed.runner import EmbedSettings, FeatureExtractor, embed_samples, embed_with
 from virtualst.embed.tiling import TileSpec, read_tile
 from virtualst.errors import InputError
 
@@ -28,7 +28,8 @@ def extractor(encoder):
 
 def _run(sample, extractor, encoder, cache, **kw):
     settings = EmbedSettings(batch_size=kw.pop("batch_size", 5), num_workers=kw.pop("num_workers", 0), **kw)
-    return embed_sample(sample, extractor, encoder, cache, settings)
+    (path,) = embed_with(extractor, [sample], cache, settings)
+    return path
 
 
 def test_cache_holds_features_coords_barcodes_and_provenance(toy_sample, extractor, encoder, tmp_path):
