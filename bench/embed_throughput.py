@@ -22,7 +22,13 @@ from pathlib import Path
 import numpy as np
 
 from virtualst.embed.readers import read_all
-from virtualst.embed.runner import EmbedSettings, FeatureExtractor, default_batch_size, embed_with, resolve_device
+from virtualst.embed.runner import (
+    EmbedSettings,
+    FeatureExtractor,
+    default_batch_size,
+    embed_with,
+    resolve_device,
+)
 from virtualst.embed.tiling import TileSpec, iter_tiles
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

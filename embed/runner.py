@@ -8,11 +8,10 @@ as it is computed, so a killed run loses at most one batch.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import platform
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -30,7 +29,10 @@ from virtualst.embed.cache import (
     read_attrs,
     resume_point,
 )
-from virtualst.embed.tiling import TileGeometry, TileSpec, edge_flags, read_tile, tile_geometry
+from virtualst.embed.extractor import FeatureExtractor
+from virtualst.embed.images import RESAMPLE
+from virtualst.embed.loader import TileBatches, iter_tile_batches
+from virtualst.embed.tiling import TileGeometry, TileSpec, edge_flags, tile_geometry
 from virtualst.errors import InputError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -38,6 +40,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from virtualst.embed.encoders import Encoder
     from virtualst.sample import Sample
+
 
 @dataclass
 class EmbedSettings:
@@ -112,7 +115,6 @@ def default_workers(device: torch.device) -> int:
     return min(8, cores) if device.type == "cuda" else 0
 
 
-# --------------------------------------------------------------------------- data
 @dataclass
 class EmbedJob:
     """One sample still to embed: where it goes and from which row it resumes."""
@@ -122,125 +124,6 @@ class EmbedJob:
     geometry: TileGeometry
     attrs: dict[str, Any]
     start: int
-
-
-class TileBatches:
-    """Map-style dataset whose items are whole batches of tiles, across samples.
-
-    Batches rather than single tiles keep inter-process traffic to one
-    message per batch; one dataset over every sample lets a worker decode
-    the next slide while the encoder is still busy with the current one.
-    Picklable: image handles reopen in each worker.
-    """
-
-    def __init__(self, jobs: list[EmbedJob], batch_size: int) -> None:
-        self.sources = [(job.sample.image, job.geometry.centers, job.geometry.size0, job.geometry.px) for job in jobs]
-        self.items = [
-            (j, rows)
-            for j, job in enumerate(jobs)
-            for rows in np.array_split(
-                np.arange(job.start, job.sample.n_spots),
-                range(batch_size, job.sample.n_spots - job.start, batch_size),
-            )
-            if len(rows)
-        ]
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, item: int) -> tuple[int, int, np.ndarray]:
-        job, rows = self.items[item]
-        image, centers, size0, px = self.sources[job]
-        tiles = np.empty((len(rows), px, px, 3), dtype=np.uint8)
-        for out, row in enumerate(rows):
-            tiles[out], _ = read_tile(image, centers[row], size0, px)
-        return job, int(rows[0]), tiles
-
-
-def _single_threaded_worker(_: int) -> None:
-    import torch
-
-    torch.set_num_threads(1)
-
-
-def _to_tensor(item: tuple[int, int, np.ndarray]) -> tuple[int, int, torch.Tensor]:
-    import torch
-
-    return item[0], item[1], torch.from_numpy(item[2])
-
-
-def iter_tile_batches(
-    dataset: TileBatches, num_workers: int, pin_memory: bool
-) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """Yield ``(job, first_row, uint8 tensor (B, H, W, 3))`` in order through a DataLoader."""
-    from torch.utils.data import DataLoader
-
-    loader = DataLoader(
-        dataset,
-        batch_size=None,  # items are already batches
-        shuffle=False,
-        num_workers=num_workers,
-        pin_memory=pin_memory,
-        worker_init_fn=_single_threaded_worker if num_workers else None,
-        prefetch_factor=8 if num_workers else None,
-        collate_fn=_to_tensor,
-    )
-    yield from loader
-
-
-# ------------------------------------------------------------------------ forward
-def dihedral_views(x: torch.Tensor) -> Iterator[torch.Tensor]:
-    """The 8 rotations/flips of a (B, C, H, W) batch."""
-    import torch
-
-    for flipped in (x, torch.flip(x, dims=(3,))):
-        for k in range(4):
-            yield torch.rot90(flipped, k, dims=(2, 3))
-
-
-def keep_freed_memory() -> None:
-    """Stop glibc from returning freed activations to the OS after every batch.
-
-    By default large blocks are mmap'ed and unmapped on free, so each forward
-    pass page-faults its activations back in: measured on 2 cores, half the
-    CPU time went to the kernel and EfficientNet-Lite0 ran at ~100 instead of
-    ~240 tiles/s. Raising the mmap and trim thresholds keeps the memory for
-    reuse. A no-op where glibc's ``mallopt`` is absent.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, 512 * 2**20)
-    libc.mallopt(m_trim_threshold, 1024 * 2**20)
-
-
-class FeatureExtractor:
-    """Device placement, preprocessing, memory format and TTA around an encoder."""
-
-    def __init__(self, encoder: Encoder, device: torch.device, tta: bool = False) -> None:
-        import torch
-
-        keep_freed_memory()
-        self.device = device
-        self.tta = tta
-        # channels_last doubles CPU throughput of the convolutional encoders (oneDNN) and helps on GPU.
-        self.encoder = encoder.to(device, memory_format=torch.channels_last).eval()
-
-    def __call__(self, tiles_bhwc: torch.Tensor) -> np.ndarray:
-        """Features (B, D) float32 for a uint8 (B, H, W, 3) batch."""
-        import torch
-
-        with torch.inference_mode():
-            x = tiles_bhwc.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
-            x = self.encoder.preprocess(x).contiguous(memory_format=torch.channels_last)
-            # The encoder applies its own precision (autocast) on CUDA.
-            if self.tta:
-                features = torch.stack([self.encoder(view) for view in dihedral_views(x)]).mean(0)
-            else:
-                features = self.encoder(x)
-            return features.float().cpu().numpy()
 
 
 # ----------------------------------------------------------------------- provenance
@@ -271,7 +154,7 @@ def provenance_attrs(
         "input_size": encoder.input_size,
         "mean": list(map(float, encoder.mean)),
         "std": list(map(float, encoder.std)),
-        "resample": "PIL box/antialiased from native resolution",
+        "resample": f"PIL {RESAMPLE.name.lower()}, antialiased, from the best pyramid level",
         "tta": "dihedral-8-mean" if settings.tta else "none",
     }
     return {

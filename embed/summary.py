@@ -26,19 +26,19 @@ def describe_cache(path: Path) -> str:
     a = emb.attrs
     lines = [
         f"{path}",
-        f"  tiles      {len(emb)} x {emb.features.shape[1]} ({emb.features.dtype})",
-        f"  complete   {a.get('complete', 'unknown (foreign file)')}",
+        f"  tiles             {len(emb)} x {emb.features.shape[1]} ({emb.features.dtype})",
+        f"  complete          {a.get('complete', 'unknown (foreign file)')}",
     ]
     for key in ("encoder", "weights_source", "weights_revision", "weights_sha256", "pooling", "precision"):
         if key in a:
-            lines.append(f"  {key:<10} {a[key]}")
+            lines.append(f"  {key:<17} {a[key]}")
     if "tile_um" in a:
-        lines.append(f"  tiles      {a['tile_px']} px, {float(a['tile_um']):.1f} µm ({float(a['tile_um_per_px']):.3f} µm/px)")
+        lines.append(f"  tile size         {a['tile_px']} px, {float(a['tile_um']):.1f} µm ({float(a['tile_um_per_px']):.3f} µm/px)")
     if "transform" in a:
-        lines.append(f"  transform  {json.loads(a['transform'])}")
+        lines.append(f"  transform         {json.loads(a['transform'])}")
     for key in ("sample_id", "patient_id", "source", "virtualst_version", "device", "created_at"):
         if a.get(key):
-            lines.append(f"  {key:<10} {a[key]}")
+            lines.append(f"  {key:<17} {a[key]}")
     return "\n".join(lines)
 
 
@@ -61,7 +61,10 @@ def describe(path: str | Path) -> str:
     from virtualst.embed.readers import read_all
 
     path = Path(path)
-    if not path.exists() and not Path(str(path) + PARTIAL_SUFFIX).exists():
+    unfinished = Path(str(path) + PARTIAL_SUFFIX)
+    if not path.exists() and unfinished.exists():
+        path = unfinished  # the run that writes it was interrupted
+    if not path.exists():
         raise InputError(path, "no such file or directory")
     if path.name.endswith(CACHE_SUFFIXES):
         return describe_cache(path)

@@ -14,13 +14,12 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-from virtualst.embed.images import crosses_edge
 
+from virtualst.embed.images import crosses_edge
 from virtualst.errors import InputError
 
 if TYPE_CHECKING:  # pragma: no cover
     from virtualst.embed.images import SlideImage
-
     from virtualst.sample import Sample
 
 #: HEST convention: 224 px at 0.5 µm/px.

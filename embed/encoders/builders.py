@@ -14,10 +14,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from virtualst.errors import EncoderError, MissingDependencyError
 from virtualst.embed.encoders.config import EncoderConfig
 from virtualst.embed.encoders.lite0 import map_lite0_state_dict
 from virtualst.embed.encoders.weights import ResolvedWeights, read_state_dict
+from virtualst.errors import EncoderError, MissingDependencyError
 
 #: Keyword arguments that name layer classes (strings in configs and Hub config.json).
 _LAYER_ARGS = ("mlp_layer", "act_layer", "norm_layer", "embed_layer", "block_fn")

@@ -7,12 +7,12 @@ from typing import Any
 
 import torch
 
-from virtualst.errors import EncoderError
 from virtualst.embed.encoders import weights as W
 from virtualst.embed.encoders.builders import get_builder
 from virtualst.embed.encoders.config import IMAGENET_MEAN, IMAGENET_STD, EncoderConfig
 from virtualst.embed.encoders.encoder import Encoder
 from virtualst.embed.encoders.registry import get_encoder_config
+from virtualst.errors import EncoderError
 
 
 def load_encoder(

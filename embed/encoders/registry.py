@@ -10,8 +10,8 @@ import importlib
 from collections.abc import Callable
 from typing import TypeVar
 
-from virtualst.errors import EncoderError
 from virtualst.embed.encoders.config import EncoderConfig
+from virtualst.errors import EncoderError
 
 #: One module per weight vendor, each registering its configs at import.
 VENDOR_MODULES = ("imagenet", "mahmood", "paige", "bioptimus", "providence", "owkin", "histai", "kaiko")

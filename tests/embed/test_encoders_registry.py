@@ -7,7 +7,6 @@ import sys
 
 import pytest
 
-from virtualst.errors import EncoderError
 from virtualst.embed.encoders import (
     EncoderConfig,
     get_encoder_config,
@@ -15,6 +14,7 @@ from virtualst.embed.encoders import (
     register_encoder,
     unregister_encoder,
 )
+from virtualst.errors import EncoderError
 
 EXPECTED = {
     "efficientnet_lite0": 1280, "resnet50": 1024, "uni_v1": 1024, "uni_v2": 1536,

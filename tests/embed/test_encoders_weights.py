@@ -9,8 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from virtualst.embed.encoders import (
+    EncoderConfig,
+    load_encoder,
+    register_encoder,
+    unregister_encoder,
+)
 from virtualst.errors import EncoderError
-from virtualst.embed.encoders import EncoderConfig, load_encoder, register_encoder, unregister_encoder
 
 REV = "0123456789abcdef0123456789abcdef01234567"
 #: A tiny timm ViT with Virchow-style layer names as the Hub config.json spells them.

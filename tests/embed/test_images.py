@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import tifffile
 from PIL import Image
+
 from virtualst.embed import images
 from virtualst.embed.images import open_image
-
 from virtualst.errors import InputError
 
 W, H = 1024, 768  # native size of the synthetic slide

@@ -7,7 +7,12 @@ import pytest
 import torch
 
 from virtualst.embed.cache import partial_path, read_embeddings
-from virtualst.embed.runner import EmbedSettings, FeatureExtractor, embed_samples, embed_with
+from virtualst.embed.runner import (
+    EmbedSettings,
+    FeatureExtractor,
+    embed_samples,
+    embed_with,
+)
 from virtualst.embed.tiling import TileSpec, read_tile
 from virtualst.errors import InputError
 
@@ -26,14 +31,14 @@ def extractor(encoder):
     return FeatureExtractor(encoder, torch.device("cpu"))
 
 
-def _run(sample, extractor, encoder, cache, **kw):
+def _run(sample, extractor, cache, **kw):
     settings = EmbedSettings(batch_size=kw.pop("batch_size", 5), num_workers=kw.pop("num_workers", 0), **kw)
     (path,) = embed_with(extractor, [sample], cache, settings)
     return path
 
 
-def test_cache_holds_features_coords_barcodes_and_provenance(toy_sample, extractor, encoder, tmp_path):
-    path = _run(toy_sample, extractor, encoder, tmp_path)
+def test_cache_holds_features_coords_barcodes_and_provenance(toy_sample, extractor, tmp_path):
+    path = _run(toy_sample, extractor, tmp_path)
     assert path == tmp_path / "efficientnet_lite0" / "toy.h5"
     emb = read_embeddings(path)
     assert emb.features.shape == (16, 1280) and emb.features.dtype == np.float32
@@ -54,8 +59,8 @@ def test_cache_holds_features_coords_barcodes_and_provenance(toy_sample, extract
     assert not np.allclose(emb.features[0], emb.features[5]), "different tiles must give different features"
 
 
-def test_killed_run_resumes_and_matches_uninterrupted_run(toy_sample, extractor, encoder, tmp_path, monkeypatch):
-    reference = read_embeddings(_run(toy_sample, extractor, encoder, tmp_path / "ref")).features
+def test_killed_run_resumes_and_matches_uninterrupted_run(toy_sample, extractor, tmp_path, monkeypatch):
+    reference = read_embeddings(_run(toy_sample, extractor, tmp_path / "ref")).features
 
     calls = {"n": 0}
     real_call = FeatureExtractor.__call__
@@ -69,32 +74,32 @@ def test_killed_run_resumes_and_matches_uninterrupted_run(toy_sample, extractor,
     monkeypatch.setattr(FeatureExtractor, "__call__", dies_on_third_batch)
     final = tmp_path / "run" / "efficientnet_lite0" / "toy.h5"
     with pytest.raises(KeyboardInterrupt):
-        _run(toy_sample, extractor, encoder, tmp_path / "run")
+        _run(toy_sample, extractor, tmp_path / "run")
     assert not final.exists() and partial_path(final).exists()
     with pytest.raises(InputError):
         read_embeddings(final)
 
     seen = []
     monkeypatch.setattr(FeatureExtractor, "__call__", lambda self, t: seen.append(len(t)) or real_call(self, t))
-    assert _run(toy_sample, extractor, encoder, tmp_path / "run") == final
+    assert _run(toy_sample, extractor, tmp_path / "run") == final
     assert sum(seen) == 16 - 10, "only the tiles after the two finished batches are recomputed"
     np.testing.assert_allclose(read_embeddings(final).features, reference, rtol=1e-4, atol=1e-5)
 
 
-def test_complete_cache_is_reused_and_other_settings_refused(toy_sample, extractor, encoder, tmp_path, monkeypatch):
-    path = _run(toy_sample, extractor, encoder, tmp_path)
+def test_complete_cache_is_reused_and_other_settings_refused(toy_sample, extractor, tmp_path, monkeypatch):
+    path = _run(toy_sample, extractor, tmp_path)
     monkeypatch.setattr(FeatureExtractor, "__call__", lambda *a: pytest.fail("a complete cache must be reused"))
-    assert _run(toy_sample, extractor, encoder, tmp_path) == path
+    assert _run(toy_sample, extractor, tmp_path) == path
     with pytest.raises(InputError, match="tile_um 112.0 vs 56.0.*--overwrite"):
-        _run(toy_sample, extractor, encoder, tmp_path, tile=TileSpec(px=224, um=56.0))
+        _run(toy_sample, extractor, tmp_path, tile=TileSpec(px=224, um=56.0))
     monkeypatch.undo()
-    _run(toy_sample, extractor, encoder, tmp_path, tile=TileSpec(px=224, um=56.0), overwrite=True)
+    _run(toy_sample, extractor, tmp_path, tile=TileSpec(px=224, um=56.0), overwrite=True)
     assert read_embeddings(path).attrs["tile_um"] == pytest.approx(56.0)
 
 
-def test_worker_processes_give_the_same_cache(toy_sample, extractor, encoder, tmp_path):
-    in_process = read_embeddings(_run(toy_sample, extractor, encoder, tmp_path / "a", num_workers=0)).features
-    workers = read_embeddings(_run(toy_sample, extractor, encoder, tmp_path / "b", num_workers=2)).features
+def test_worker_processes_give_the_same_cache(toy_sample, extractor, tmp_path):
+    in_process = read_embeddings(_run(toy_sample, extractor, tmp_path / "a", num_workers=0)).features
+    workers = read_embeddings(_run(toy_sample, extractor, tmp_path / "b", num_workers=2)).features
     np.testing.assert_allclose(workers, in_process, rtol=1e-5, atol=1e-6)
 
 
@@ -108,9 +113,9 @@ def test_tta_features_are_invariant_to_rotations_and_flips(encoder):
     assert not np.allclose(a, plain, atol=1e-3)
 
 
-def test_edge_tiles_are_flagged(tmp_path, extractor, encoder):
+def test_edge_tiles_are_flagged(tmp_path, extractor):
     sample = make_sample(tmp_path, n_side=2, margin=60)  # 60 px < half a tile (112 px)
-    path = _run(sample, extractor, encoder, tmp_path)
+    path = _run(sample, extractor, tmp_path)
     import h5py
 
     with h5py.File(path) as f:
@@ -122,7 +127,7 @@ def test_embed_samples_float16_storage(toy_sample, tmp_path):
     assert read_embeddings(path).features.dtype == np.float16
 
 
-def test_sample_without_image_is_refused(toy_sample, extractor, encoder, tmp_path):
+def test_sample_without_image_is_refused(toy_sample, extractor, tmp_path):
     toy_sample.image = None
     with pytest.raises(InputError, match="no image"):
-        _run(toy_sample, extractor, encoder, tmp_path)
+        _run(toy_sample, extractor, tmp_path)

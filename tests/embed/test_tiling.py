@@ -10,9 +10,15 @@ import pandas as pd
 import pytest
 import tifffile
 from PIL import Image
-from virtualst.embed.images import open_image
-from virtualst.embed.tiling import TileSpec, edge_flags, iter_tiles, read_tile, tile_geometry
 
+from virtualst.embed.images import open_image
+from virtualst.embed.tiling import (
+    TileSpec,
+    edge_flags,
+    iter_tiles,
+    read_tile,
+    tile_geometry,
+)
 from virtualst.errors import InputError
 from virtualst.sample import Sample
 
