@@ -160,6 +160,7 @@ def provenance_attrs(
     return {
         "fingerprint": fingerprint(fixed),
         "settings": json.dumps(fixed, sort_keys=True),
+        "run_settings": json.dumps(settings.to_dict(), sort_keys=True),  # the resolved run config
         "encoder": encoder.config.name,
         "weights_source": str(encoder.provenance.get("weights")),
         "weights_revision": str(encoder.provenance.get("revision")),

@@ -290,7 +290,6 @@ def test_openslide_backend_agrees_with_tiffslide(files):
 
 
 # ------------------------------------------------------------------- real data
-@pytest.mark.realdata
 def test_her2st_jpeg(her2st_dir):
     path = sorted(her2st_dir.glob("ST-imgs/*/*/*.jpg"))[0]
     img = open_image(path)
@@ -302,7 +301,6 @@ def test_her2st_jpeg(her2st_dir):
     assert tile.std() > 5  # not blank
 
 
-@pytest.mark.realdata
 def test_visium_hires_with_scalefactor(visium_dir):
     import json
 

@@ -94,7 +94,6 @@ def test_atomic_write_failure_leaves_nothing(sample, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["he.jpg", "x.h5ad"]
 
 
-@pytest.mark.realdata
 def test_real_visium_export(visium_dir, tmp_path):
     with pytest.warns(UserWarning, match="flat colour"):
         s = virtualst.read(visium_dir)

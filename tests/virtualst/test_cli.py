@@ -80,3 +80,16 @@ def test_corrupt_image_is_a_one_line_error_and_writes_nothing(visium_dir, tmp_pa
     result = invoke("embed", copy, "--cache", tmp_path / "cache")
     assert_one_line_error(result, "png")
     assert not list((tmp_path / "cache").rglob("*.h5"))
+
+
+def test_info_reports_an_unfinished_cache(tmp_path):
+    import numpy as np
+
+    from virtualst.embed.cache import CacheWriter
+
+    final = tmp_path / "enc" / "s.h5"
+    writer = CacheWriter(final, np.array(["a", "b"]), np.zeros((2, 2)), 3, {"fingerprint": "f", "sample_id": "s"})
+    writer.write(0, np.ones((1, 3), np.float32))
+    writer.close()
+    result = invoke("info", final)
+    assert result.exit_code == 0 and "UNFINISHED" in result.output and "1 tiles done" in result.output
