@@ -17,6 +17,7 @@ def real_samples(her2st_dir, mob_dir):
     return samples
 
 
+@pytest.mark.realdata
 def test_embed_real_sections_with_resume(real_samples, tmp_path, monkeypatch):
     settings = EmbedSettings(batch_size=64)
     cache = tmp_path / "cache"
