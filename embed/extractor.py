@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -23,6 +24,7 @@ def dihedral_views(x: torch.Tensor) -> Iterator[torch.Tensor]:
             yield torch.rot90(flipped, k, dims=(2, 3))
 
 
+@functools.cache  # process-wide setting: once is enough
 def keep_freed_memory() -> None:
     """Stop glibc from returning freed activations to the OS after every batch.
 

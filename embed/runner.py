@@ -1,9 +1,10 @@
 """Embed the spot tiles of samples with a frozen encoder into the HDF5 cache.
 
-The hot loop ships uint8 tiles to the device and normalises there (4x less
-traffic than float32), runs the encoder under ``torch.inference_mode`` with
-the encoder's precision on CUDA, and writes each batch to the cache as soon
-as it is computed, so a killed run loses at most one batch.
+Plans the work (reuse, resume or refuse existing caches) before computing
+anything, streams the tiles of every remaining sample through one loader
+(:mod:`virtualst.embed.loader`) into the encoder (:mod:`virtualst.embed.extractor`),
+and writes each batch to the cache as soon as it is computed, so a killed
+run loses at most one batch.
 """
 
 from __future__ import annotations
