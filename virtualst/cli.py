@@ -147,5 +147,94 @@ def info(path: Annotated[Path, typer.Argument(help="A sample (file or directory)
     typer.echo(describe(path))
 
 
+SMOOTHING_CHOICES = ("none", "context", "predictions", "both")
+
+
+@app.command()
+@user_errors
+def fit(
+    samples: Annotated[
+        list[Path], typer.Option("--samples", help="Training samples (files or directories; repeat the option).")
+    ],
+    out: Annotated[Path, typer.Option(help="Directory to save the model to (a Hub-ready folder).")],
+    cache: Annotated[Path, typer.Option(help="Root of the embedding cache (missing embeddings are computed).")] = Path("cache"),
+    encoder: Annotated[str, typer.Option(help="Encoder the embeddings come from.")] = "efficientnet_lite0",
+    head: Annotated[str, typer.Option(help="ridge, lgbm, knn or ensemble.")] = "ridge",
+    genes: Annotated[str, typer.Option(help="hvg:K, heg:K, list:A,B,... or a gene-list file.")] = "hvg:50",
+    normalization: Annotated[str, typer.Option(help="log1p or cpm-log1p.")] = "log1p",
+    smooth: Annotated[str, typer.Option(help="Spatial context: none, context (neighbour features), predictions, both.")] = "none",
+    cv_splits: Annotated[int, typer.Option(min=2, help="Held-out folds (by patient, else by section) for the metrics.")] = 5,
+    all_spots: Annotated[bool, typer.Option("--all-spots", help="Also train on spots outside the tissue.")] = False,
+) -> None:
+    """Fit a gene-expression predictor on embedded samples and save it (no pickle)."""
+    from virtualst.embed.readers import read_all
+    from virtualst.embed.runner import EmbedSettings, embed_samples
+    from virtualst.heads.base import head_class
+    from virtualst.heads.predictor import GenePredictor
+    from virtualst.heads.smoothing import FeatureContext, PredictionSmoother
+    from virtualst.heads.targets import TargetSpec
+
+    if smooth not in SMOOTHING_CHOICES:
+        raise VirtualSTError(f"--smooth must be one of {', '.join(SMOOTHING_CHOICES)}, not {smooth!r}")
+    try:
+        target = TargetSpec(normalization=normalization, genes=genes)
+        head_class(head)
+    except ValueError as exc:
+        raise VirtualSTError(str(exc)) from None
+    loaded = [sample for path in samples for sample in read_all(path)]
+    if not all_spots:
+        loaded = [sample.in_tissue() for sample in loaded]
+    caches = embed_samples(loaded, cache, EmbedSettings(encoder=encoder), show_progress=sys.stderr.isatty())
+    predictor = GenePredictor(
+        head=head,
+        target=target,
+        context=FeatureContext() if smooth in ("context", "both") else None,
+        smoothing=PredictionSmoother() if smooth in ("predictions", "both") else None,
+        cv_splits=cv_splits,
+    )
+    predictor.fit(caches, loaded)
+    predictor.save_pretrained(out)
+    cv = predictor.cv_
+    score = f"CV mean Pearson {cv['mean_pearson']:.3f} ({cv['scheme']})" if cv.get("folds") else "not cross-validated"
+    typer.echo(f"{out}: {head} head, {len(predictor.genes_)} genes, {predictor.training_['n_spots']} spots; {score}")
+
+
+@app.command()
+@user_errors
+def push(
+    model: Annotated[Path, typer.Argument(help="A saved model directory.")],
+    repo_id: Annotated[str, typer.Argument(help="Hub repository, org/name.")],
+    private: Annotated[bool, typer.Option("--private", help="Create the repository as private.")] = False,
+    revision: Annotated[Optional[str], typer.Option(help="Branch to push to (created when missing).")] = None,
+) -> None:
+    """Upload a saved model to the Hugging Face Hub (verified first)."""
+    from virtualst.heads.hub import push_model_dir
+
+    typer.echo(push_model_dir(model, repo_id, private=private, revision=revision))
+
+
+@app.command()
+@user_errors
+def pull(
+    repo_id: Annotated[str, typer.Argument(help="Hub repository (org/name) or a model directory.")],
+    revision: Annotated[Optional[str], typer.Option(help="Branch, tag or commit.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Also copy the verified files here.")] = None,
+) -> None:
+    """Download (or find in the HF cache) a model and verify it; prints where it is."""
+    import shutil
+
+    from virtualst.heads.hub import resolve_model_dir
+    from virtualst.heads.persistence import read_model_dir
+
+    folder = resolve_model_dir(repo_id, revision=revision)
+    config, _, _ = read_model_dir(folder)
+    if out is not None:
+        shutil.copytree(folder, out, dirs_exist_ok=True)
+        folder = out
+    cv = config.get("cv", {})
+    score = f", CV mean Pearson {cv['mean_pearson']:.3f}" if cv.get("folds") else ""
+    typer.echo(f"{folder}: {config['head']['kind']} head on {config['encoder']['name']}, {len(config['target']['genes'])} genes{score}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()
