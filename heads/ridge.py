@@ -372,6 +372,55 @@ def _choose(
     return best, (len(genes), n_pairs)
 
 
+# ----------------------------------------------------------------------------- group CV
+def ridge_group_cv(X: np.ndarray, Y: np.ndarray, groups, alphas=DEFAULT_ALPHAS, fit_intercept: bool = True, n_splits: int = 5):
+    """Per-target alpha by group k-fold (whole sections held out), then coefficients on all rows.
+
+    Leave-one-out scores a spot with its spatial neighbours in the training
+    set, which favours too little shrinkage on tissue sections. Holding out
+    whole groups measures transfer to a new section instead, and each gene's
+    alpha maximises its held-out Pearson r averaged over folds: the
+    per-section mean shifts that dominate the squared error on new sections
+    do not decide the penalty (her2st, 50 HVGs, leave-one-section-out: mean
+    r 0.337 against 0.323 for LOO; choosing by held-out MSE gave 0.322).
+    Each fold costs one eigendecomposition; every alpha is then a small
+    product on the held-out rows.
+
+    Returns
+    -------
+    alpha, coef, intercept, mse
+        Chosen alpha ``(t,)``, coefficients ``(t, p)``, intercepts ``(t,)``
+        and the held-out mean squared error ``(A, t)`` of every alpha.
+    """
+    from virtualst.heads.cv import inner_splits, pearson_per_gene
+
+    grid = check_alphas(alphas)
+    X = np.asarray(X, dtype=np.float64)
+    Y = np.asarray(Y, dtype=np.float64)
+    sse = np.zeros((len(grid), Y.shape[1]))
+    pearson = np.zeros_like(sse)
+    for train, test in inner_splits(len(X), groups, n_splits):
+        spec, x_mean, y_mean = _centred_spectrum(X[train], Y[train], fit_intercept)
+        s = np.sqrt(spec.lam)
+        projected = (X[test] - x_mean) @ spec.v  # (n_test, r)
+        for a, alpha in enumerate(grid):
+            pred = (projected * (s / (spec.lam + alpha))) @ spec.q + y_mean
+            sse[a] += ((Y[test] - pred) ** 2).sum(axis=0)
+            pearson[a] += pearson_per_gene(Y[test], pred)
+    best = np.argmax(pearson, axis=0)  # ties: first alpha in grid order
+    spec, x_mean, y_mean = _centred_spectrum(X, Y, fit_intercept)
+    scale = np.sqrt(spec.lam)[:, None] / (spec.lam[:, None] + grid[best][None, :])
+    coef = (spec.v @ (scale * spec.q)).T
+    return grid[best], coef, y_mean - coef @ x_mean, sse / len(X)
+
+
+def _centred_spectrum(X: np.ndarray, Y: np.ndarray, fit_intercept: bool) -> tuple[_Spectrum, np.ndarray, np.ndarray]:
+    x_mean = X.mean(axis=0) if fit_intercept else np.zeros(X.shape[1])
+    y_mean = Y.mean(axis=0) if fit_intercept else np.zeros(Y.shape[1])
+    spec, _ = _spectrum(X - x_mean, Y, y_mean)
+    return spec, x_mean, y_mean
+
+
 # ----------------------------------------------------------------------------- head
 class RidgeHead(Head):
     """Standardise (+PCA) the embeddings, then one ridge per gene with its own LOO-chosen alpha.
@@ -385,6 +434,13 @@ class RidgeHead(Head):
         (``n_components=None``: no PCA).
     fit_intercept
         Fit an intercept per gene.
+    cv
+        How each gene's alpha is chosen: ``"loo"`` (exact leave-one-out, as
+        ``RidgeCV``) or ``"group"`` (group k-fold over the ``groups`` given to
+        :meth:`fit`, i.e. whole sections held out; falls back to LOO with
+        fewer than two groups). See :func:`ridge_group_cv` for why.
+    n_splits
+        Folds of ``cv="group"``.
 
     Attributes
     ----------
@@ -394,8 +450,10 @@ class RidgeHead(Head):
     coef_ : ndarray (n_targets, n_features_out) or (n_features_out,) for a 1-D ``y``
     intercept_ : ndarray (n_targets,) or float
     cv_mse_ : ndarray (n_targets,)
-        Leave-one-out mean squared error at the chosen alpha (float32 accuracy, ~1e-6 relative,
-        unless it was re-scored in float64 to break a near-tie).
+        Cross-validated mean squared error at the chosen alpha (LOO: float32 accuracy, ~1e-6
+        relative, unless it was re-scored in float64 to break a near-tie).
+    cv_used_ : str
+        ``"loo"`` or ``"group"``: what actually chose the alphas.
     n_features_in_ : int
     """
 
@@ -407,26 +465,40 @@ class RidgeHead(Head):
         standardize: bool = True,
         n_components: int | None = 256,
         fit_intercept: bool = True,
+        cv: str = "loo",
+        n_splits: int = 5,
     ) -> None:
         self.alphas = alphas
         self.standardize = standardize
         self.n_components = n_components
         self.fit_intercept = fit_intercept
+        self.cv = cv
+        self.n_splits = n_splits
 
     def fit(self, X, Y, groups=None):
-        """Fit on embeddings ``X (n_spots, n_features)`` and targets ``Y``; ``groups`` is ignored (LOO needs none)."""
+        """Fit on embeddings ``X (n_spots, n_features)`` and targets ``Y``; ``groups`` (section ids) serve ``cv="group"``."""
         X, Y = validate_data(self, X, Y, multi_output=True, y_numeric=True, dtype=[np.float64, np.float32])
         check_alphas(self.alphas)
+        if self.cv not in ("loo", "group"):
+            raise ValueError(f"cv must be 'loo' or 'group', got {self.cv!r}")
         self.transform_ = FeatureTransform(standardize=self.standardize, n_components=self.n_components).fit(X)
         Z = self.transform_.transform(X)
         Y2 = np.asarray(Y, dtype=np.float64).reshape(len(Y), -1)
+        by_group = self.cv == "group" and groups is not None and len(np.unique(groups)) >= 2
         with np.errstate(invalid="ignore", divide="ignore"):  # degenerate fits (one spot) score NaN
-            result = ridge_loo(Z, Y2, self.alphas, self.fit_intercept)
+            if by_group:
+                alpha, coef, intercept, mse = ridge_group_cv(Z, Y2, groups, self.alphas, self.fit_intercept, self.n_splits)
+                chosen = np.argmax(check_alphas(self.alphas)[:, None] == alpha[None, :], axis=0)
+                self.cv_mse_ = mse[chosen, np.arange(Y2.shape[1])]
+            else:
+                result = ridge_loo(Z, Y2, self.alphas, self.fit_intercept)
+                alpha, coef, intercept = result.alpha, result.coef, result.intercept
+                self.cv_mse_ = result.mse[result.alpha_index, np.arange(Y2.shape[1])]
         single = np.ndim(Y) == 1
-        self.alpha_ = result.alpha
-        self.cv_mse_ = result.mse[result.alpha_index, np.arange(Y2.shape[1])]
-        self.coef_ = result.coef[0] if single else result.coef
-        self.intercept_ = float(result.intercept[0]) if single else result.intercept
+        self.cv_used_ = "group" if by_group else "loo"
+        self.alpha_ = alpha
+        self.coef_ = coef[0] if single else coef
+        self.intercept_ = float(intercept[0]) if single else intercept
         return self
 
     def predict(self, X) -> np.ndarray:
@@ -443,7 +515,11 @@ class RidgeHead(Head):
 
     # ------------------------------------------------------------------ state
     def _export(self) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, str], dict[str, Head]]:
-        meta = {"n_features_in": int(self.n_features_in_), "single_target": bool(np.ndim(self.coef_) == 1)}
+        meta = {
+            "n_features_in": int(self.n_features_in_),
+            "single_target": bool(np.ndim(self.coef_) == 1),
+            "cv_used": self.cv_used_,
+        }
         arrays = {
             "alpha": np.asarray(self.alpha_, dtype=np.float64),
             "coef": np.atleast_2d(self.coef_),
@@ -459,6 +535,7 @@ class RidgeHead(Head):
         self.transform_ = FeatureTransform(standardize=self.standardize, n_components=self.n_components)
         self.transform_.restore_arrays(arrays, "features.")
         self.n_features_in_ = int(meta["n_features_in"])
+        self.cv_used_ = meta.get("cv_used", "loo")
         self.alpha_ = np.asarray(arrays["alpha"], dtype=np.float64)
         self.cv_mse_ = np.asarray(arrays["cv_mse"], dtype=np.float64)
         coef = np.asarray(arrays["coef"], dtype=np.float64)

@@ -84,12 +84,43 @@ def test_one_dimensional_y():
     np.testing.assert_allclose(pred, ref.predict(X_new), rtol=0, atol=1e-8)
 
 
-def test_groups_accepted_and_ignored(linear_data):
+def test_groups_ignored_by_loo(linear_data):
     X, Y, groups = linear_data
     with_groups = RidgeHead(n_components=None).fit(X, Y, groups=groups)
     without = RidgeHead(n_components=None).fit(X, Y)
     np.testing.assert_array_equal(with_groups.predict(X), without.predict(X))
-    assert with_groups.score(X, Y) > 0.95
+    assert with_groups.score(X, Y) > 0.95 and with_groups.cv_used_ == "loo"
+
+
+def test_group_cv_matches_refitting_each_alpha_on_each_fold(linear_data):
+    from sklearn.linear_model import Ridge
+
+    X, Y, groups = linear_data
+    Y = Y + np.random.default_rng(5).normal(scale=[0.1, 3.0, 10.0], size=Y.shape)  # genes needing different alphas
+    alphas = (0.1, 10.0, 1000.0, 1e5)
+    head = RidgeHead(n_components=None, standardize=False, alphas=alphas, cv="group").fit(X, Y, groups=groups)
+    assert head.cv_used_ == "group"
+    # Reference: sklearn Ridge refitted per fold and alpha, scored by mean per-fold Pearson.
+    score = np.zeros((len(alphas), Y.shape[1]))
+    for g in np.unique(groups):
+        train, test = groups != g, groups == g
+        for a, alpha in enumerate(alphas):
+            score[a] += pearson_per_gene(Y[test], Ridge(alpha=alpha).fit(X[train], Y[train]).predict(X[test]))
+    expected = np.asarray(alphas)[score.argmax(axis=0)]
+    np.testing.assert_array_equal(head.alpha_, expected)
+    for j, alpha in enumerate(expected):
+        np.testing.assert_allclose(head.predict(X)[:, j], Ridge(alpha=alpha).fit(X, Y[:, j]).predict(X), atol=1e-8)
+    back = Head.from_state(head.get_state())
+    assert back.cv_used_ == "group"
+    np.testing.assert_array_equal(back.predict(X), head.predict(X))
+
+
+def test_group_cv_falls_back_to_loo_without_groups(linear_data):
+    X, Y, _ = linear_data
+    head = RidgeHead(n_components=None, cv="group").fit(X, Y, groups=np.zeros(len(X)))
+    assert head.cv_used_ == "loo"
+    with pytest.raises(ValueError, match="cv must be 'loo' or 'group'"):
+        RidgeHead(cv="kfold").fit(X, Y)
 
 
 @pytest.mark.parametrize("multi", [True, False], ids=["2d", "1d"])
