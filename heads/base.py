@@ -75,6 +75,13 @@ class Head(RegressorMixin, BaseEstimator):
         if cls.kind:
             HEADS[cls.kind] = cls
 
+    def __sklearn_tags__(self):
+        # Every head predicts many genes at once, and one gene from a 1-D y.
+        tags = super().__sklearn_tags__()
+        tags.target_tags.multi_output = True
+        tags.target_tags.single_output = True
+        return tags
+
     # ------------------------------------------------------------------ state
     def get_state(self) -> HeadState:
         """The fitted head as a :class:`HeadState` (raises if not fitted)."""

@@ -223,11 +223,6 @@ class EnsembleHead(Head):
                 P += w * np.asarray(head.predict(X)).reshape(len(X), -1)
         return P[:, 0] if self.y_ndim_ == 1 else P
 
-    def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        tags.target_tags.multi_output = True
-        return tags
-
     # ------------------------------------------------------------------ state
     def _export(self):
         meta = {"y_ndim": int(self.y_ndim_), "n_features_in": int(self.n_features_in_)}

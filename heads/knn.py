@@ -238,12 +238,6 @@ class KNNHead(Head):
         self.n_splits = n_splits
         self.random_state = random_state
 
-    def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        tags.target_tags.multi_output = True
-        tags.target_tags.single_output = True
-        return tags
-
     # The faiss index is a cache rebuilt from references_: never pickled.
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()

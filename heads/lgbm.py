@@ -236,11 +236,6 @@ class LGBMHead(Head):
         P = np.column_stack(cols)
         return P[:, 0] if self.y_ndim_ == 1 else P
 
-    def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        tags.target_tags.multi_output = True
-        return tags
-
     # ------------------------------------------------------------------ state
     def _export(self):
         meta = {"y_ndim": int(self.y_ndim_), "n_targets": int(self.n_targets_), "best_iteration": self.best_iteration_}

@@ -507,12 +507,6 @@ class RidgeHead(Head):
         X = validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
         return self.transform_.transform(X) @ self.coef_.T + self.intercept_
 
-    def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        tags.target_tags.multi_output = True
-        tags.target_tags.single_output = True
-        return tags
-
     # ------------------------------------------------------------------ state
     def _export(self) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, str], dict[str, Head]]:
         meta = {

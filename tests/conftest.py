@@ -44,3 +44,19 @@ def visium_dir(shared_data: Path) -> Path:
     if not path.is_dir():
         pytest.skip(f"{path} not found")
     return path
+
+
+@pytest.fixture
+def offline_cache(tmp_path, monkeypatch) -> Path:
+    """An empty Hugging Face cache under tmp, with the Hub switched off for this process."""
+    import huggingface_hub.constants as constants
+
+    cache = tmp_path / "hf" / "hub"
+    cache.mkdir(parents=True)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub read these at import; keep its own view consistent too.
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return cache

@@ -56,21 +56,6 @@ def _hub_repo(cache: Path, repo: str) -> Path:
     return root / "snapshots" / REV
 
 
-@pytest.fixture
-def offline_cache(tmp_path, monkeypatch) -> Path:
-    """An empty HF cache under tmp, with the Hub switched off for this process."""
-    import huggingface_hub.constants as constants
-
-    cache = tmp_path / "hf" / "hub"
-    cache.mkdir(parents=True)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    # huggingface_hub read these at import; keep its own view consistent too.
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    return cache
-
 
 def _x(size: int = 32) -> torch.Tensor:
     torch.manual_seed(2)

@@ -23,20 +23,6 @@ def model_dir(tmp_path):
     return write_model_dir(tmp_path / "model", {"library": "virtualst", "head": spec}, {"head.safetensors": arrays}, texts, "# c\n")
 
 
-@pytest.fixture
-def offline_cache(tmp_path, monkeypatch):
-    """An empty HF cache under tmp with the Hub switched off for this process."""
-    import huggingface_hub.constants as constants
-
-    cache = tmp_path / "hf" / "hub"
-    cache.mkdir(parents=True)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    return cache
-
 
 def put_in_cache(cache, repo_id, folder, revision=REV):
     """Lay ``folder`` out as huggingface_hub's cache does for ``repo_id`` at ``revision`` (refs/main points at it)."""

@@ -18,7 +18,7 @@ from virtualst.heads.predictor import GenePredictor
 from virtualst.heads.smoothing import FeatureContext, PredictionSmoother
 from virtualst.heads.targets import TargetSpec
 
-from .test_hub import offline_cache, put_in_cache  # noqa: F401  (fixture)
+from .test_hub import put_in_cache
 
 pytestmark = pytest.mark.realdata
 
@@ -88,7 +88,7 @@ def test_every_head_round_trips_through_a_directory(kind, her2st_sections, tmp_p
     assert loaded.cv_ == predictor.cv_
 
 
-def test_context_and_smoothing_survive_hub_cache_offline(her2st_sections, tmp_path, offline_cache):  # noqa: F811
+def test_context_and_smoothing_survive_hub_cache_offline(her2st_sections, tmp_path, offline_cache):
     train, test = her2st_sections[:3], her2st_sections[3]
     predictor = GenePredictor(
         target=TargetSpec("log1p", "heg:10"), context=FeatureContext(), smoothing=PredictionSmoother(per_gene=False)
