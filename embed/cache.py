@@ -79,7 +79,7 @@ class Embeddings:
         return len(self.features)
 
 
-def _decode(values: np.ndarray) -> np.ndarray:
+def decode_strings(values: np.ndarray) -> np.ndarray:
     flat = np.asarray(values).reshape(len(values), -1)[:, 0]
     return np.array([v.decode() if isinstance(v, bytes) else str(v) for v in flat], dtype=object).astype(str)
 
@@ -132,7 +132,7 @@ def read_embeddings(path: str | Path) -> Embeddings:
             raise InputError(path, "no 'coords' array")
         coords = np.asarray(f["coords"][()]).reshape(-1, 2).astype(np.int64)
         barcode_key = next((k for k in BARCODE_KEYS if k in f), None)
-        barcodes = _decode(f[barcode_key][()]) if barcode_key else np.array([f"{x}_{y}" for x, y in coords])
+        barcodes = decode_strings(f[barcode_key][()]) if barcode_key else np.array([f"{x}_{y}" for x, y in coords])
     if not (len(features) == len(coords) == len(barcodes)):
         raise InputError(
             path, f"arrays disagree: {len(features)} features, {len(coords)} coords, {len(barcodes)} barcodes"

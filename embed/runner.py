@@ -184,7 +184,8 @@ def provenance_attrs(
     }
 
 
-def _differences(path: Path, expected: dict[str, Any]) -> str:
+def settings_differences(path: Path, expected: dict[str, Any]) -> str:
+    """What differs between the settings stored in ``path`` and ``expected``, for error messages."""
     try:
         found = json.loads(read_attrs(path).get("settings", "{}"))
     except (OSError, ValueError):
@@ -194,6 +195,62 @@ def _differences(path: Path, expected: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------- runs
+def plan_cache(path: Path, attrs: dict[str, Any], n: int, dim: int, overwrite: bool) -> int | None:
+    """Row to resume ``path`` from, or ``None`` when a complete cache with these settings is reused.
+
+    Raises :class:`InputError` when a cache made with other settings exists
+    and ``overwrite`` is false: caches are never silently replaced.
+    """
+    if overwrite:
+        path.unlink(missing_ok=True)
+        partial_path(path).unlink(missing_ok=True)
+    elif is_complete(path, attrs["fingerprint"]):
+        return None
+    elif path.exists():
+        expected = json.loads(attrs["settings"])
+        raise InputError(
+            path, f"cache exists with other settings ({settings_differences(path, expected)}); pass --overwrite or another --cache"
+        )
+    return resume_point(path, attrs["fingerprint"], n, dim)
+
+
+def stream_to_caches(
+    extractor: FeatureExtractor,
+    batches: Iterable[tuple[int, int, torch.Tensor]],
+    open_writer: Callable[[int], CacheWriter],
+    finished: Iterable[int],
+    storage_dtype: str,
+    progress: Callable[[int], None] | None = None,
+) -> None:
+    """Encode ``(job, first_row, tiles)`` batches into each job's cache, batch by batch.
+
+    ``open_writer(job)`` opens a job's cache on first use (so only files
+    being written are held open); ``finished`` lists resumed jobs whose rows
+    were all written before an interruption, finalised first. Unfinished
+    files stay ``.partial`` for the next run.
+    """
+    writers: dict[int, CacheWriter] = {}
+
+    def writer(j: int) -> CacheWriter:
+        if j not in writers:
+            writers[j] = open_writer(j)
+        return writers[j]
+
+    try:
+        for j in finished:
+            writer(j).finalize()
+        for j, first, tiles in batches:
+            out = writer(j)
+            out.write(first, extractor(tiles).astype(storage_dtype, copy=False))
+            if progress:
+                progress(len(tiles))
+            if out.n_done == out.n:
+                out.finalize()
+    finally:
+        for out in writers.values():
+            out.close()
+
+
 def plan_job(sample: Sample, encoder: Encoder, device: torch.device, cache_dir: str | Path, settings: EmbedSettings):
     """Return the :class:`EmbedJob` for ``sample``, or its cache path when a complete one is reused.
 
@@ -205,17 +262,9 @@ def plan_job(sample: Sample, encoder: Encoder, device: torch.device, cache_dir: 
     path = cache_path(cache_dir, encoder.config.name, sample.sample_id)
     geometry = tile_geometry(sample, settings.tile)
     attrs = provenance_attrs(sample, encoder, settings, geometry.tile_um, device)
-    if settings.overwrite:
-        path.unlink(missing_ok=True)
-        partial_path(path).unlink(missing_ok=True)
-    elif is_complete(path, attrs["fingerprint"]):
+    start = plan_cache(path, attrs, sample.n_spots, encoder.dim, settings.overwrite)
+    if start is None:
         return path
-    elif path.exists():
-        expected = json.loads(attrs["settings"])
-        raise InputError(
-            path, f"cache exists with other settings ({_differences(path, expected)}); pass --overwrite or another --cache"
-        )
-    start = resume_point(path, attrs["fingerprint"], sample.n_spots, encoder.dim)
     return EmbedJob(sample=sample, path=path, geometry=geometry, attrs=attrs, start=start)
 
 
@@ -239,37 +288,23 @@ def embed_with(
     jobs = [p for p in planned if isinstance(p, EmbedJob)]
     if progress:
         progress(sum(s.n_spots for s, p in zip(samples, planned) if isinstance(p, Path)))
-    writers: dict[int, CacheWriter] = {}
 
-    def writer(j: int) -> CacheWriter:
-        if j not in writers:
-            job = jobs[j]
-            edge = edge_flags(job.sample, settings.tile)
-            writers[j] = CacheWriter(
-                job.path, job.sample.barcodes, job.geometry.top_left, encoder.dim, job.attrs,
-                settings.storage_dtype, extra={"edge": edge},
-            )
-            if progress and job.start:
-                progress(job.start)
-        return writers[j]
+    def open_writer(j: int) -> CacheWriter:
+        job = jobs[j]
+        if progress and job.start:
+            progress(job.start)
+        edge = edge_flags(job.sample, settings.tile)
+        return CacheWriter(
+            job.path, job.sample.barcodes, job.geometry.top_left, encoder.dim, job.attrs,
+            settings.storage_dtype, extra={"edge": edge},
+        )
 
     batch_size = settings.batch_size or default_batch_size(device)
     dataset = TileBatches(jobs, batch_size)
     workers = settings.num_workers if settings.num_workers is not None else default_workers(device)
-    try:
-        for j in range(len(jobs)):  # resumed files whose rows were all done before the kill
-            if jobs[j].start == jobs[j].sample.n_spots:
-                writer(j).finalize()
-        for j, first, tiles in iter_tile_batches(dataset, min(workers, len(dataset)), device.type == "cuda"):
-            out = writer(j)
-            out.write(first, extractor(tiles).astype(settings.storage_dtype, copy=False))
-            if progress:
-                progress(len(tiles))
-            if out.n_done == out.n:
-                out.finalize()
-    finally:
-        for out in writers.values():
-            out.close()  # unfinished files stay as .partial for the next run
+    batches = iter_tile_batches(dataset, min(workers, len(dataset)), device.type == "cuda")
+    finished = [j for j, job in enumerate(jobs) if job.start == job.sample.n_spots]
+    stream_to_caches(extractor, batches, open_writer, finished, settings.storage_dtype, progress)
     return paths
 
 
