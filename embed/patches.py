@@ -41,14 +41,12 @@ from virtualst.embed.cache import (
     fingerprint,
 )
 from virtualst.embed.extractor import FeatureExtractor
-from virtualst.embed.loader import iter_tile_batches
 from virtualst.embed.runner import (
     EmbedSettings,
     default_batch_size,
-    default_workers,
+    make_extractor,
     plan_cache,
     provenance_attrs,
-    resolve_device,
     stream_to_caches,
 )
 from virtualst.embed.tiling import TileSpec
@@ -255,10 +253,8 @@ def embed_patches_with(
         return CacheWriter(job.path, job.index.barcodes, job.index.coords, encoder.dim, job.attrs, settings.storage_dtype)
 
     dataset = PatchBatches(jobs, settings.batch_size or default_batch_size(device))
-    workers = settings.num_workers if settings.num_workers is not None else default_workers(device)
-    batches = iter_tile_batches(dataset, min(workers, len(dataset)), device.type == "cuda")
     finished = [j for j, job in enumerate(jobs) if job.start == job.index.n]
-    stream_to_caches(extractor, batches, open_writer, finished, settings.storage_dtype, progress)
+    stream_to_caches(extractor, dataset, open_writer, finished, settings, progress)
     return [job.path for job in planned]
 
 
@@ -283,12 +279,9 @@ def embed_patches(
     """
     from tqdm.auto import tqdm
 
-    from virtualst.embed.encoders import load_encoder
-
     settings = settings or EmbedSettings()
     patches = list(patches)
     total = sum(read_patch_index(p.path).n for p in patches)
-    encoder = load_encoder(settings.encoder, weights=settings.weights)
-    extractor = FeatureExtractor(encoder, resolve_device(settings.device), tta=settings.tta)
-    with tqdm(total=total, unit="tile", desc=f"embed {encoder.config.name} (patches)", disable=not show_progress) as bar:
+    extractor = make_extractor(settings)
+    with tqdm(total=total, unit="tile", desc=f"embed {extractor.encoder.config.name} (patches)", disable=not show_progress) as bar:
         return embed_patches_with(extractor, patches, cache_dir, settings, progress=bar.update)

@@ -105,6 +105,14 @@ def default_batch_size(device: torch.device) -> int:
     return 64 if device.type == "cuda" else 16
 
 
+def make_extractor(settings: EmbedSettings) -> FeatureExtractor:
+    """Load the settings' encoder onto their device, ready to embed."""
+    from virtualst.embed.encoders import load_encoder
+
+    encoder = load_encoder(settings.encoder, weights=settings.weights)
+    return FeatureExtractor(encoder, resolve_device(settings.device), tta=settings.tta)
+
+
 def default_workers(device: torch.device) -> int:
     """Tile-reading processes: enough to feed a GPU; none on CPU.
 
@@ -216,14 +224,15 @@ def plan_cache(path: Path, attrs: dict[str, Any], n: int, dim: int, overwrite: b
 
 def stream_to_caches(
     extractor: FeatureExtractor,
-    batches: Iterable[tuple[int, int, torch.Tensor]],
+    dataset: Any,
     open_writer: Callable[[int], CacheWriter],
     finished: Iterable[int],
-    storage_dtype: str,
+    settings: EmbedSettings,
     progress: Callable[[int], None] | None = None,
 ) -> None:
-    """Encode ``(job, first_row, tiles)`` batches into each job's cache, batch by batch.
+    """Encode the ``(job, first_row, tiles)`` batches of ``dataset`` into each job's cache, batch by batch.
 
+    Batches are read through a DataLoader with the settings' workers;
     ``open_writer(job)`` opens a job's cache on first use (so only files
     being written are held open); ``finished`` lists resumed jobs whose rows
     were all written before an interruption, finalised first. Unfinished
@@ -236,12 +245,15 @@ def stream_to_caches(
             writers[j] = open_writer(j)
         return writers[j]
 
+    device = extractor.device
+    workers = settings.num_workers if settings.num_workers is not None else default_workers(device)
+    batches = iter_tile_batches(dataset, min(workers, len(dataset)), device.type == "cuda")
     try:
         for j in finished:
             writer(j).finalize()
         for j, first, tiles in batches:
             out = writer(j)
-            out.write(first, extractor(tiles).astype(storage_dtype, copy=False))
+            out.write(first, extractor(tiles).astype(settings.storage_dtype, copy=False))
             if progress:
                 progress(len(tiles))
             if out.n_done == out.n:
@@ -299,12 +311,9 @@ def embed_with(
             settings.storage_dtype, extra={"edge": edge},
         )
 
-    batch_size = settings.batch_size or default_batch_size(device)
-    dataset = TileBatches(jobs, batch_size)
-    workers = settings.num_workers if settings.num_workers is not None else default_workers(device)
-    batches = iter_tile_batches(dataset, min(workers, len(dataset)), device.type == "cuda")
+    dataset = TileBatches(jobs, settings.batch_size or default_batch_size(device))
     finished = [j for j, job in enumerate(jobs) if job.start == job.sample.n_spots]
-    stream_to_caches(extractor, batches, open_writer, finished, settings.storage_dtype, progress)
+    stream_to_caches(extractor, dataset, open_writer, finished, settings, progress)
     return paths
 
 
@@ -329,12 +338,9 @@ def embed_samples(
     """
     from tqdm.auto import tqdm
 
-    from virtualst.embed.encoders import load_encoder
-
     settings = settings or EmbedSettings()
     samples = list(samples)
-    encoder = load_encoder(settings.encoder, weights=settings.weights)
-    extractor = FeatureExtractor(encoder, resolve_device(settings.device), tta=settings.tta)
+    extractor = make_extractor(settings)
     total = sum(s.n_spots for s in samples)
-    with tqdm(total=total, unit="tile", desc=f"embed {encoder.config.name}", disable=not show_progress) as bar:
+    with tqdm(total=total, unit="tile", desc=f"embed {extractor.encoder.config.name}", disable=not show_progress) as bar:
         return embed_with(extractor, samples, cache_dir, settings, progress=bar.update)

@@ -82,6 +82,30 @@ class Head(RegressorMixin, BaseEstimator):
         tags.target_tags.single_output = True
         return tags
 
+    # ------------------------------------------------------------------ data
+    def _fit_data(self, X, Y, groups=None, min_samples: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Validated ``X``, targets as 2-D float64 and ``groups`` checked against ``X``.
+
+        Records ``y_ndim_`` so that :meth:`_as_fitted_shape` returns 1-D
+        predictions for a head fitted on a 1-D ``y``.
+        """
+        from sklearn.utils.validation import validate_data
+
+        X, Y = validate_data(
+            self, X, Y, multi_output=True, y_numeric=True, dtype=[np.float64, np.float32], ensure_min_samples=min_samples
+        )
+        Y = np.asarray(Y, dtype=np.float64)
+        self.y_ndim_ = Y.ndim
+        if groups is not None:
+            groups = np.asarray(groups)
+            if len(groups) != len(X):
+                raise ValueError(f"groups has {len(groups)} entries for {len(X)} samples")
+        return X, Y.reshape(len(Y), -1), groups
+
+    def _as_fitted_shape(self, predictions: np.ndarray) -> np.ndarray:
+        """``(n_spots,)`` when fitted on a 1-D ``y``, else ``(n_spots, n_targets)``."""
+        return predictions[:, 0] if self.y_ndim_ == 1 else predictions
+
     # ------------------------------------------------------------------ state
     def get_state(self) -> HeadState:
         """The fitted head as a :class:`HeadState` (raises if not fitted)."""

@@ -185,14 +185,7 @@ class EnsembleHead(Head):
             Section/patient ids: inner folds never split a group, and members
             whose ``fit`` takes ``groups`` receive them.
         """
-        X, Y = validate_data(self, X, Y, multi_output=True, y_numeric=True, dtype=[np.float64, np.float32], ensure_min_samples=2)
-        Y = np.asarray(Y, dtype=np.float64)
-        self.y_ndim_ = Y.ndim
-        Y = Y.reshape(len(Y), -1)
-        if groups is not None:
-            groups = np.asarray(groups)
-            if len(groups) != len(X):
-                raise ValueError(f"groups has {len(groups)} entries for {len(X)} samples")
+        X, Y, groups = self._fit_data(X, Y, groups, min_samples=2)
         members = self._new_members()
         grid = simplex_grid(len(members), self.weight_grid_step)
 
@@ -221,7 +214,7 @@ class EnsembleHead(Head):
             w = self.weights_[m]
             if np.any(w > 0):  # members with zero weight everywhere are not run
                 P += w * np.asarray(head.predict(X)).reshape(len(X), -1)
-        return P[:, 0] if self.y_ndim_ == 1 else P
+        return self._as_fitted_shape(P)
 
     # ------------------------------------------------------------------ state
     def _export(self):

@@ -299,15 +299,10 @@ class KNNHead(Head):
         groups : array-like (n_spots,), optional
             Section or patient of each spot; inner folds never split a group.
         """
-        X, y = validate_data(self, X, y, multi_output=True, y_numeric=True, dtype=[np.float64, np.float32])
-        y = np.asarray(y, dtype=np.float64)
-        self.y_ndim_ = y.ndim
-        Y = y.reshape(len(y), -1)
+        X, Y, groups = self._fit_data(X, y, groups)
         ks, temps = self._grids()
         if len(X) < 2:
             raise ValueError(f"KNNHead needs at least 2 samples to choose k by cross-validation, got {len(X)} sample")
-        if groups is not None and len(groups) != len(X):
-            raise ValueError(f"groups has {len(groups)} entries for {len(X)} samples")
 
         self.cv_scores_ = None
         self.cv_score_ = float("nan")
@@ -386,7 +381,7 @@ class KNNHead(Head):
         """Softmax(similarity / ``temperature_``)-weighted mean of the ``k_`` nearest references' targets."""
         sims, idx = self._search(X, None)
         pred = _weighted_targets(sims, idx, self.targets_, self.temperature_)
-        return pred.ravel() if self.y_ndim_ == 1 else pred
+        return self._as_fitted_shape(pred)
 
     # ---------------------------------------------------------------- state
     def _export(self):

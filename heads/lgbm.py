@@ -205,12 +205,7 @@ class LGBMHead(Head):
             Section/patient ids; the early-stopping split holds out whole groups.
         """
         # Bagging one spot leaves LightGBM an empty dataset: ask for two.
-        X, Y = validate_data(self, X, Y, multi_output=True, y_numeric=True, dtype=[np.float64, np.float32], ensure_min_samples=2)
-        Y = np.asarray(Y, dtype=np.float64)
-        self.y_ndim_ = Y.ndim
-        Y2 = Y.reshape(len(Y), -1)
-        if groups is not None and len(groups) != len(X):
-            raise ValueError(f"groups has {len(groups)} entries for {len(X)} samples")
+        X, Y2, groups = self._fit_data(X, Y, groups, min_samples=2)
         self.transform_ = FeatureTransform(n_components=self.n_components).fit(X)
         Z = self.transform_.transform(X)
         split = validation_split(len(Z), groups, self.validation_fraction, self.random_state) if self.early_stopping_rounds else None
@@ -234,7 +229,7 @@ class LGBMHead(Head):
         jobs, threads = self._threads(len(self.boosters_))
         cols = Parallel(n_jobs=jobs, prefer="threads")(delayed(b.predict)(Z, num_threads=threads) for b in self.boosters_)
         P = np.column_stack(cols)
-        return P[:, 0] if self.y_ndim_ == 1 else P
+        return self._as_fitted_shape(P)
 
     # ------------------------------------------------------------------ state
     def _export(self):

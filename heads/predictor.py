@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from virtualst._version import __version__
+from virtualst.anndata_io import spatial_uns
 from virtualst.embed.cache import Embeddings, read_embeddings
 from virtualst.errors import InputError
 from virtualst.heads.base import Head, make_head
@@ -278,7 +279,7 @@ class GenePredictor:
         }
         s = section.sample
         if s is not None and s.image is not None:
-            adata.uns["spatial"] = s.to_anndata().uns["spatial"]
+            adata.uns["spatial"] = {s.sample_id: spatial_uns(s)}
         if s is not None and s.counts is not None and set(self.genes_) <= set(map(str, s.genes)):
             adata.layers["measured"] = self.target.targets(s, self.genes_).astype(np.float32)
         return adata

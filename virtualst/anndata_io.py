@@ -78,7 +78,8 @@ def _obs(sample: Sample) -> pd.DataFrame:
     return obs
 
 
-def _spatial(sample: Sample, hires_max_px: int) -> dict[str, Any]:
+def spatial_uns(sample: Sample, hires_max_px: int = 2000) -> dict[str, Any]:
+    """``uns['spatial'][sample_id]`` for ``sample``: hires thumbnail, scale factors, metadata."""
     scalefactors = {"spot_diameter_fullres": float(sample.spot_diameter_um / sample.um_per_px)}
     images: dict[str, np.ndarray] = {}
     if sample.image is not None:
@@ -125,7 +126,7 @@ def sample_to_anndata(sample: Sample, hires_max_px: int = 2000) -> ad.AnnData:
         counts = sp.csr_matrix(sample.counts)
     adata = ad.AnnData(X=counts, obs=_obs(sample), var=_var(sample, counts.shape[1]))
     adata.obsm["spatial"] = sample.centers
-    adata.uns["spatial"] = {sample.sample_id: _spatial(sample, hires_max_px)}
+    adata.uns["spatial"] = {sample.sample_id: spatial_uns(sample, hires_max_px)}
     image_path = sample.metadata.get("image_path")
     metadata = {k: v for k, v in sample.metadata.items() if k != "gene_ids"}  # gene_ids live in var
     adata.uns["virtualst"] = {
