@@ -143,6 +143,34 @@ def gene_table(y_true, y_pred, genes: Sequence[str], fold: str = "") -> pd.DataF
 
 
 # ----------------------------------------------------------------------- summaries
+def bootstrap_means(values, n_boot: int = 1000, seed: int = 0) -> np.ndarray:
+    """Means of ``n_boot`` resamples (with replacement) of the non-NaN ``values``; empty when none.
+
+    The same ``seed`` always gives the same resamples.
+    """
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    v = np.asarray(values, dtype=np.float64).ravel()
+    v = v[~np.isnan(v)]
+    if v.size == 0:
+        return np.empty(0)
+    rng = np.random.default_rng(seed)
+    return np.concatenate(
+        [v[rng.integers(0, v.size, size=(min(_BOOT_BATCH, n_boot - b), v.size))].mean(axis=1) for b in range(0, n_boot, _BOOT_BATCH)]
+    )
+
+
+def percentile_interval(means: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """Central ``level`` interval of bootstrap means; NaN, NaN when there are none."""
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    if len(means) == 0:
+        return float("nan"), float("nan")
+    tail = (1 - level) / 2
+    low, high = np.quantile(means, [tail, 1 - tail])
+    return float(low), float(high)
+
+
 def bootstrap_ci(values, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean over genes.
 
@@ -156,19 +184,7 @@ def bootstrap_ci(values, n_boot: int = 1000, level: float = 0.95, seed: int = 0)
     """
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), got {level}")
-    if n_boot < 1:
-        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
-    v = np.asarray(values, dtype=np.float64).ravel()
-    v = v[~np.isnan(v)]
-    if v.size == 0:
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    means = np.concatenate(
-        [v[rng.integers(0, v.size, size=(min(_BOOT_BATCH, n_boot - b), v.size))].mean(axis=1) for b in range(0, n_boot, _BOOT_BATCH)]
-    )
-    tail = (1 - level) / 2
-    low, high = np.quantile(means, [tail, 1 - tail])
-    return float(low), float(high)
+    return percentile_interval(bootstrap_means(values, n_boot, seed), level)
 
 
 @dataclass(frozen=True)

@@ -60,3 +60,19 @@ def offline_cache(tmp_path, monkeypatch) -> Path:
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     return cache
+
+
+@pytest.fixture(scope="session")
+def her2st_cache(her2st_dir, tmp_path_factory) -> Path:
+    """An embedding cache root holding her2st C2–C5 (in-tissue spots, bundled encoder), embedded once per session.
+
+    Tests that embed her2st again with the same settings reuse these files,
+    so the real-data tests pay for the encoder once.
+    """
+    import virtualst
+    from virtualst.embed.runner import EmbedSettings, embed_samples
+
+    cache = tmp_path_factory.mktemp("her2st-cache")
+    samples = [s.in_tissue() for s in virtualst.read_all(her2st_dir)]
+    embed_samples(samples, cache, EmbedSettings(batch_size=32, device="cpu"), show_progress=False)
+    return cache

@@ -54,9 +54,7 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main(
-    version: Annotated[
-        Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
-    ] = None,
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")] = None,
 ) -> None:
     """Virtual spatial transcriptomics: gene expression from H&E slides."""
 
@@ -79,9 +77,7 @@ def embed(
     tta: Annotated[bool, typer.Option("--tta", help="Average over the 8 dihedral transforms.")] = False,
     float16: Annotated[bool, typer.Option("--float16", help="Store features as float16.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Recompute existing caches.")] = False,
-    all_spots: Annotated[
-        bool, typer.Option("--all-spots", help="Also embed spots outside the tissue (default: in-tissue only).")
-    ] = False,
+    all_spots: Annotated[bool, typer.Option("--all-spots", help="Also embed spots outside the tissue (default: in-tissue only).")] = False,
 ) -> None:
     """Embed the spot tiles of samples into the HDF5 cache (resumable)."""
     from virtualst.embed.readers import read_all
@@ -153,9 +149,7 @@ SMOOTHING_CHOICES = ("none", "context", "predictions", "both")
 @app.command()
 @user_errors
 def fit(
-    samples: Annotated[
-        list[Path], typer.Option("--samples", help="Training samples (files or directories; repeat the option).")
-    ],
+    samples: Annotated[list[Path], typer.Option("--samples", help="Training samples (files or directories; repeat the option).")],
     out: Annotated[Path, typer.Option(help="Directory to save the model to (a Hub-ready folder).")],
     cache: Annotated[Path, typer.Option(help="Root of the embedding cache (missing embeddings are computed).")] = Path("cache"),
     encoder: Annotated[str, typer.Option(help="Encoder the embeddings come from.")] = "efficientnet_lite0",
@@ -197,6 +191,128 @@ def fit(
     cv = predictor.cv_
     score = f"CV mean Pearson {cv['mean_pearson']:.3f} ({cv['scheme']})" if cv.get("folds") else "not cross-validated"
     typer.echo(f"{out}: {head} head, {len(predictor.genes_)} genes, {predictor.training_['n_spots']} spots; {score}")
+
+
+def _names(text: str | None) -> tuple[str, ...] | None:
+    """``"a,b, c"`` -> ``("a", "b", "c")``; ``None`` stays ``None``."""
+    return None if text is None else tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+@app.command()
+@user_errors
+def bench(
+    out: Annotated[Path, typer.Option(help="Output folder (leaderboard.md/.csv, results.json, per_gene.csv, config.yaml, plots/).")],
+    task: Annotated[Optional[list[str]], typer.Option(help="Built-in task (her2st, stutility-mob, IDC...) or a task .yaml; repeatable.")] = None,
+    suite: Annotated[Optional[str], typer.Option(help="Run a suite instead: 'hest' = every HEST-Benchmark task under --data.")] = None,
+    data: Annotated[Path, typer.Option(help="Folder holding the built-in tasks' data ({data}/her2st, {data}/IDC...).")] = Path("data"),
+    encoders: Annotated[str, typer.Option(help="Comma-separated encoders to compare.")] = "efficientnet_lite0",
+    heads: Annotated[
+        str, typer.Option(help="Comma-separated heads: ridge, ridge-group, lgbm, knn, ensemble.")
+    ] = "ridge,ridge-group,lgbm,knn,ensemble",
+    smoothing: Annotated[
+        str, typer.Option(help="Comma-separated spatial options: none, context, smooth, context+smooth.")
+    ] = "none,context,smooth,context+smooth",
+    normalization: Annotated[Optional[str], typer.Option(help="Comma-separated targets (default: the task's, log1p and cpm-log1p).")] = None,
+    genes: Annotated[Optional[str], typer.Option(help="Override the task's genes: hvg:K, heg:K, list:A,B or a file.")] = None,
+    split: Annotated[
+        Optional[str], typer.Option(help="Override the split: leave-one-patient-out, patient-kfold:K, leave-one-sample-out, official.")
+    ] = None,
+    cache: Annotated[Path, typer.Option(help="Root of the embedding cache (reused; missing embeddings are computed).")] = Path("cache"),
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Tiles per forward pass.")] = None,
+    plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Draw maps and scatter plots of the best row.")] = True,
+) -> None:
+    """Benchmark encoders and heads on tasks; write a leaderboard (re-runs reuse caches and fitted folds)."""
+    from virtualst.bench.benchmark import BenchmarkConfig, run_benchmark, suite_tasks
+    from virtualst.bench.leaderboard import score_text
+    from virtualst.embed.runner import EmbedSettings
+
+    if bool(task) == bool(suite):
+        raise VirtualSTError("give --task (repeatable) or --suite, not both or neither")
+    tasks = tuple(task) if task else suite_tasks(suite, data)
+    config = BenchmarkConfig(
+        tasks=tasks,
+        data_root=data,
+        out=out,
+        cache=cache,
+        encoders=_names(encoders),
+        heads=_names(heads),
+        smoothings=_names(smoothing),
+        normalizations=_names(normalization),
+        genes=genes,
+        split=split,
+        embed=EmbedSettings(device=device, batch_size=batch_size),
+        plots=plots,
+    )
+    result = run_benchmark(config, show_progress=sys.stderr.isatty(), command=" ".join(["virtualst", *sys.argv[1:]]))
+    for (name, norm), part in result.leaderboard.groupby(["task", "normalization"], sort=False):
+        typer.echo(f"\n{name} — {norm}")
+        for r in part.head(8).itertuples():
+            typer.echo(f"  {r.rank:>2}. {r.row:<28} {r.encoder:<20} {score_text(r)}")
+    typer.echo(f"\n{result.paths['leaderboard_md']}")
+
+
+@app.command()
+@user_errors
+def predict(
+    slide: Annotated[Path, typer.Argument(help="H&E image (JPEG/PNG/TIFF/pyramidal WSI) or a measured sample (ST, Visium, HEST, .h5ad).")],
+    model: Annotated[str, typer.Option(help="Saved model directory or Hugging Face Hub repo id.")],
+    out: Annotated[Path, typer.Option(help="Output folder (predictions.h5ad/.csv, maps/, signatures, hotspots, report.html).")],
+    grid: Annotated[str, typer.Option(help="Spot grid over the tissue: visium (hex, 55 µm spots, 100 µm pitch), st, square.")] = "visium",
+    pitch_um: Annotated[Optional[float], typer.Option(help="Spot pitch in µm, overriding the grid's.")] = None,
+    mpp: Annotated[Optional[float], typer.Option(help="µm per pixel, for images whose metadata has none (JPEG/PNG).")] = None,
+    sample_id: Annotated[Optional[str], typer.Option(help="Which section of a multi-section folder (e.g. C5 of her2st).")] = None,
+    genes: Annotated[Optional[str], typer.Option(help="Comma-separated genes to map (default: the best by CV Pearson).")] = None,
+    top_genes: Annotated[int, typer.Option(min=1, help="How many of the best genes to map.")] = 12,
+    gene_sets: Annotated[
+        Optional[list[str]],
+        typer.Option("--gene-sets", help="Built-in gene set name or GMT/JSON/YAML file; repeatable (default: all built-ins)."),
+    ] = None,
+    fdr: Annotated[float, typer.Option(min=0.0, max=1.0, help="False discovery rate of the hotspot calls.")] = 0.05,
+    cache: Annotated[Optional[Path], typer.Option(help="Embedding cache root (default: OUT/cache).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Tiles per forward pass.")] = None,
+) -> None:
+    """Predict gene expression over a slide: maps, signature hotspots, .h5ad and an HTML report."""
+    from virtualst.predict.pipeline import run_prediction
+
+    outputs = run_prediction(
+        slide,
+        model,
+        out,
+        top_genes=top_genes,
+        genes=_names(genes),
+        gene_sets=gene_sets,
+        fdr=fdr,
+        grid=grid,
+        pitch_um=pitch_um,
+        mpp=mpp,
+        sample_id=sample_id,
+        cache_dir=cache,
+        device=device,
+        batch_size=batch_size,
+        show_progress=sys.stderr.isatty(),
+    )
+    adata = outputs.prediction.adata
+    typer.echo(f"{adata.n_obs} spots x {adata.n_vars} genes -> {outputs.prediction.h5ad}")
+    typer.echo(f"report: {outputs.report}")
+
+
+@app.command()
+@user_errors
+def demo(
+    out: Annotated[Path, typer.Option(help="Output folder (data, cache, bench, model, prediction with report.html).")] = Path("demo"),
+    data: Annotated[
+        Optional[Path], typer.Option(help="Sections with counts (e.g. ../shared/data/her2st); default: a synthetic data set.")
+    ] = None,
+    genes: Annotated[str, typer.Option(help="hvg:K, heg:K, list:A,B or a gene-list file.")] = "hvg:50",
+    normalization: Annotated[str, typer.Option(help="log1p or cpm-log1p.")] = "cpm-log1p",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
+) -> None:
+    """End to end, offline: embed, benchmark, fit, predict a held-out section, write the report."""
+    from virtualst.demo import run_demo
+
+    run_demo(out, data, genes=genes, normalization=normalization, device=device, show_progress=sys.stderr.isatty(), echo=typer.echo)
 
 
 @app.command()

@@ -2,59 +2,16 @@
 
 from __future__ import annotations
 
-import json
-
 import anndata as ad
-import h5py
 import numpy as np
 import pandas as pd
 import pytest
-import scipy.sparse as sp
 
 from virtualst.bench.hest_bench import HestBenchTask, estimate_um_per_px
 from virtualst.bench.tasks import get_task
 from virtualst.embed.cache import partial_path, read_embeddings
 from virtualst.embed.runner import EmbedSettings, FeatureExtractor
 from virtualst.errors import InputError
-
-SPOTS = {"S1": 12, "S2": 15, "S3": 10}
-UM_PER_PX = 0.5
-GENES = [f"G{i}" for i in range(8)]
-
-
-def make_hest_bench(task_dir, spots=SPOTS, um_per_px=UM_PER_PX, split_columns=None):
-    """adata/, patches/, splits/ (2 official folds) and var_50genes.json for a few samples."""
-    rng = np.random.default_rng(0)
-    for sub in ("adata", "patches", "splits"):
-        (task_dir / sub).mkdir(parents=True, exist_ok=True)
-    half = 56 / um_per_px  # a 112 µm patch centred on its spot
-    for k, (sid, n) in enumerate(spots.items()):
-        barcodes = [f"{sid}-bc{i}" for i in range(n)]
-        top_left = np.stack([1000 + np.arange(n) * 220, 500 + (np.arange(n) % 4) * 220], axis=1)
-        coarse = rng.integers(0, 255, size=(n, 14, 14, 3), dtype=np.uint8)
-        with h5py.File(task_dir / "patches" / f"{sid}.h5", "w") as f:
-            f["img"] = coarse.repeat(16, axis=1).repeat(16, axis=2)
-            f["coords"] = top_left
-            f["barcode"] = np.array([b.encode() for b in barcodes]).reshape(-1, 1)
-        # The h5ad lists its spots in another order, plus one spot without a patch.
-        order = rng.permutation(n)
-        obs_barcodes = [barcodes[i] for i in order] + [f"{sid}-nopatch"]
-        centres = np.vstack([top_left[order] + half, [[0.0, 0.0]]])
-        counts = rng.poisson(2 + k, size=(n + 1, len(GENES))).astype(np.float32)
-        adata = ad.AnnData(X=sp.csr_matrix(counts), obs=pd.DataFrame(index=obs_barcodes), var=pd.DataFrame(index=GENES))
-        adata.obsm["spatial"] = centres
-        adata.write_h5ad(task_dir / "adata" / f"{sid}.h5ad")
-    folds = [(["S1", "S2"], ["S3"]), (["S3"], ["S1", "S2"])]
-    for k, sides in enumerate(folds):
-        for side, ids in zip(("train", "test"), sides):
-            table = pd.DataFrame(
-                {"sample_id": ids, "patches_path": [f"patches/{s}.h5" for s in ids], "expr_path": [f"adata/{s}.h5ad" for s in ids]}
-            )
-            for column, values in (split_columns or {}).items():
-                table[column] = [values[s] for s in ids]
-            table.to_csv(task_dir / "splits" / f"{side}_{k}.csv", index=False)
-    (task_dir / "var_50genes.json").write_text(json.dumps({"genes": GENES[:5]}))
-    return task_dir
 
 
 def _adata_rows(task_dir, sid, barcodes):
@@ -69,10 +26,10 @@ def encoder():
     return load_encoder("efficientnet_lite0")
 
 
-def test_task_folder_lists_samples_genes_and_official_folds(tmp_path):
-    bench = HestBenchTask(make_hest_bench(tmp_path / "IDC"))
+def test_task_folder_lists_samples_genes_and_official_folds(hest_bench, tmp_path):
+    bench = HestBenchTask(hest_bench.make(tmp_path / "IDC"))
     assert bench.sample_ids == ["S1", "S2", "S3"]
-    assert bench.genes() == GENES[:5]
+    assert bench.genes() == hest_bench.GENES[:5]
     assert bench.patient_ids() == {"S1": None, "S2": None, "S3": None}
     folds = bench.folds()
     assert [(f.name, f.train, f.test) for f in folds] == [("official-0", ("S1", "S2"), ("S3",)), ("official-1", ("S3",), ("S1", "S2"))]
@@ -80,8 +37,8 @@ def test_task_folder_lists_samples_genes_and_official_folds(tmp_path):
     assert all(f.patient_disjoint and not f.patients_known for f in folds)
 
 
-def test_patients_come_from_split_columns_metadata_or_overrides(tmp_path):
-    task_dir = make_hest_bench(tmp_path / "T", split_columns={"patient": {"S1": "A", "S2": "A", "S3": "B"}})
+def test_patients_come_from_split_columns_metadata_or_overrides(hest_bench, tmp_path):
+    task_dir = hest_bench.make(tmp_path / "T", split_columns={"patient": {"S1": "A", "S2": "A", "S3": "B"}})
     bench = HestBenchTask(task_dir)
     assert bench.patient_ids() == {"S1": "A", "S2": "A", "S3": "B"}
     assert all(f.patient_disjoint and f.patients_known for f in bench.folds())
@@ -96,11 +53,11 @@ def test_patients_come_from_split_columns_metadata_or_overrides(tmp_path):
     assert [f.patient_disjoint for f in bench.folds()] == [True, True]  # S3 (B) vs S1, S2 (X)
 
 
-def test_hest_bench_task_end_to_end_with_a_killed_run_resumed(tmp_path, encoder, monkeypatch):
-    task_dir = make_hest_bench(tmp_path / "bench" / "IDC")
+def test_hest_bench_task_end_to_end_with_a_killed_run_resumed(hest_bench, tmp_path, encoder, monkeypatch):
+    task_dir = hest_bench.make(tmp_path / "bench" / "IDC")
     monkeypatch.setattr("virtualst.embed.encoders.load_encoder", lambda *a, **k: encoder)
     task = get_task("IDC", tmp_path / "bench")
-    assert task.gene_spec().genes == tuple(GENES[:5]) and task.normalization[0] == "log1p"
+    assert task.gene_spec().genes == tuple(hest_bench.GENES[:5]) and task.normalization[0] == "log1p"
     settings = EmbedSettings(batch_size=8, num_workers=0, device="cpu")
     cache = tmp_path / "cache"
 
@@ -128,14 +85,14 @@ def test_hest_bench_task_end_to_end_with_a_killed_run_resumed(tmp_path, encoder,
     assert [d.sample_id for d in data] == ["S1", "S2", "S3"]
     for d in data:
         emb = read_embeddings(cache / "efficientnet_lite0" / f"{d.sample_id}.h5")
-        assert d.n_spots == SPOTS[d.sample_id] and d.features.shape == (SPOTS[d.sample_id], 1280)
+        assert d.n_spots == hest_bench.SPOTS[d.sample_id] and d.features.shape == (hest_bench.SPOTS[d.sample_id], 1280)
         np.testing.assert_array_equal(d.features, emb.features)
         np.testing.assert_array_equal(d.barcodes, [f"{d.sample_id}-bc{i}" for i in range(d.n_spots)])
         adata, rows = _adata_rows(task_dir, d.sample_id, d.barcodes)
         np.testing.assert_array_equal(d.counts.toarray(), adata.X[rows].toarray())  # aligned by barcode, the extra spot dropped
-        assert list(d.genes) == GENES and d.patient_id == d.sample_id
+        assert list(d.genes) == hest_bench.GENES and d.patient_id == d.sample_id
         # Pixel size estimated from the centred patches: 0.5 µm/px.
-        np.testing.assert_allclose(d.coords_um, adata.obsm["spatial"][rows] * UM_PER_PX)
+        np.testing.assert_allclose(d.coords_um, adata.obsm["spatial"][rows] * hest_bench.UM_PER_PX)
         assert emb.attrs["input"] == "patches" and emb.attrs["tile_um"] == pytest.approx(112.0)
 
     seen.clear()
@@ -144,8 +101,8 @@ def test_hest_bench_task_end_to_end_with_a_killed_run_resumed(tmp_path, encoder,
     assert [f.name for f in task.folds()] == ["official-0", "official-1"]
 
 
-def test_sample_data_uses_metadata_pixel_size_or_warns_when_unknown(tmp_path, encoder, monkeypatch):
-    task_dir = make_hest_bench(tmp_path / "T", spots={"S1": 6, "S2": 5, "S3": 4})
+def test_sample_data_uses_metadata_pixel_size_or_warns_when_unknown(hest_bench, tmp_path, encoder, monkeypatch):
+    task_dir = hest_bench.make(tmp_path / "T", spots={"S1": 6, "S2": 5, "S3": 4})
     monkeypatch.setattr("virtualst.embed.encoders.load_encoder", lambda *a, **k: encoder)
     pd.DataFrame({"sample_id": ["S1"], "pixel_size_um_estimated": [0.25]}).to_csv(task_dir / "meta.csv", index=False)
     bench = HestBenchTask(task_dir, metadata=task_dir / "meta.csv")
@@ -170,19 +127,19 @@ def test_estimate_um_per_px_refuses_uncentred_patches():
     assert estimate_um_per_px(top_left - 5, top_left) is None
 
 
-def test_bad_task_folders_give_clear_errors(tmp_path):
+def test_bad_task_folders_give_clear_errors(hest_bench, tmp_path):
     with pytest.raises(InputError, match="task folder not found"):
         HestBenchTask(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="not a HEST-Benchmark task folder"):
         HestBenchTask(tmp_path / "empty")
 
-    task_dir = make_hest_bench(tmp_path / "T")
+    task_dir = hest_bench.make(tmp_path / "T")
     (task_dir / "patches" / "S3.h5").unlink()
     with pytest.raises(InputError, match=r"S3\.h5: patch file of sample 'S3' not found \(listed in test_0\.csv\)"):
         HestBenchTask(task_dir).patch_files()
 
-    task_dir = make_hest_bench(tmp_path / "U")
+    task_dir = hest_bench.make(tmp_path / "U")
     (task_dir / "var_50genes.json").unlink()
     with pytest.raises(InputError, match="var_50genes.json"):
         HestBenchTask(task_dir).genes()

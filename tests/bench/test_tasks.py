@@ -135,13 +135,13 @@ def test_yaml_task_on_real_sections_with_a_patients_mapping(her2st_dir, tmp_path
 
 
 @pytest.mark.realdata
-def test_her2st_task_end_to_end(her2st_dir, tmp_path, monkeypatch):
+def test_her2st_task_end_to_end(her2st_dir, her2st_cache, monkeypatch):
     task = get_task("her2st", her2st_dir.parent)
     folds = task.folds()
     assert [f.test for f in folds] == [("C2",), ("C3",), ("C4",), ("C5",)]
     assert all(len(f.train) == 3 and not f.patient_disjoint for f in folds), "one patient: LOSO folds are not patient-disjoint"
 
-    data = task.load("efficientnet_lite0", tmp_path / "cache", EmbedSettings(batch_size=64, device="cpu"), show_progress=False)
+    data = task.load("efficientnet_lite0", her2st_cache, EmbedSettings(batch_size=64, device="cpu"), show_progress=False)
     assert [d.sample_id for d in data] == ["C2", "C3", "C4", "C5"]
     samples = {s.sample_id: s.in_tissue() for s in task.samples()}
     for d in data:
@@ -152,9 +152,9 @@ def test_her2st_task_end_to_end(her2st_dir, tmp_path, monkeypatch):
         np.testing.assert_array_equal(d.barcodes, sample.barcodes)
         np.testing.assert_array_equal(d.counts.toarray(), sample.counts.toarray())
         np.testing.assert_allclose(d.coords_um, sample.centers * sample.um_per_px)
-        assert Path(tmp_path / "cache" / "efficientnet_lite0" / f"{d.sample_id}.h5").is_file()
+        assert Path(her2st_cache / "efficientnet_lite0" / f"{d.sample_id}.h5").is_file()
 
     calls = []
     monkeypatch.setattr(FeatureExtractor, "__call__", lambda self, tiles: calls.append(1))
-    again = task.load("efficientnet_lite0", tmp_path / "cache", EmbedSettings(batch_size=64, device="cpu"), show_progress=False)
+    again = task.load("efficientnet_lite0", her2st_cache, EmbedSettings(batch_size=64, device="cpu"), show_progress=False)
     assert not calls and all(np.array_equal(a.features, b.features) for a, b in zip(data, again)), "caches are reused"

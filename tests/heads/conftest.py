@@ -36,11 +36,10 @@ def linear_data():
 
 
 @pytest.fixture(scope="session")
-def her2st_sections(her2st_dir, tmp_path_factory) -> list[EmbeddedSection]:
-    """her2st C2–C5 (in tissue) embedded once per session with the bundled encoder."""
+def her2st_sections(her2st_dir, her2st_cache) -> list[EmbeddedSection]:
+    """her2st C2–C5 (in tissue) with their embeddings from the session cache."""
     samples = [s.in_tissue() for s in virtualst.read_all(her2st_dir)]
-    cache = tmp_path_factory.mktemp("her2st-cache")
-    paths = embed_samples(samples, cache, EmbedSettings(batch_size=32), show_progress=False)
+    paths = embed_samples(samples, her2st_cache, EmbedSettings(batch_size=32, device="cpu"), show_progress=False)
     sections = []
     for sample, path in zip(samples, paths):
         emb = read_embeddings(path)
