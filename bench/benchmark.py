@@ -246,6 +246,8 @@ def run_benchmark(config: BenchmarkConfig, show_progress: bool = True, command: 
     from tqdm.auto import tqdm
 
     rows = config.rows  # validate before any work
+    if not config.encoders:
+        raise VirtualSTError("no encoder to benchmark (--encoders is empty)")
     tasks = config.resolve_tasks()
     folds = {t.name: t.folds() for t in tasks}
     total = sum(len(t.normalization) * len(rows) * len(folds[t.name]) for t in tasks) * len(config.encoders)
