@@ -141,6 +141,13 @@ def sample_to_anndata(sample: Sample, hires_max_px: int = 2000) -> ad.AnnData:
     return adata
 
 
+def _default_file_mode() -> int:
+    """The mode ``open()`` would give a new file under the current umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def write_h5ad_atomic(adata: ad.AnnData, path: str | Path) -> Path:
     """Write ``adata`` to ``path`` so that a crash never leaves a valid-looking file.
 
@@ -159,6 +166,7 @@ def write_h5ad_atomic(adata: ad.AnnData, path: str | Path) -> Path:
     os.close(fd)
     try:
         adata.write_h5ad(tmp)
+        os.chmod(tmp, _default_file_mode())  # mkstemp makes 0600; an output file should be as readable as any other
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -94,6 +94,18 @@ def test_atomic_write_failure_leaves_nothing(sample, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["he.jpg", "x.h5ad"]
 
 
+def test_atomic_write_gives_the_usual_file_mode(sample, tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        path = write_h5ad_atomic(sample_to_anndata(sample, hires_max_px=16), tmp_path / "y.h5ad")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644  # not mkstemp's 0600: others may read the predictions
+
+
 def test_real_visium_export(visium_dir, tmp_path):
     with pytest.warns(UserWarning, match="flat colour"):
         s = virtualst.read(visium_dir)
