@@ -884,26 +884,28 @@ def gene_maps(
     dict[str, bytes | Path]
         Gene -> PNG bytes, or gene -> written path when ``out_dir`` is given.
     """
-    chosen = select_genes(adata, genes, top)
     canvas = SlideCanvas.from_anndata(adata)
-    threshold, units = _reliable_threshold(adata), units_label(adata)
     measured = adata.layers["measured"] if "measured" in adata.layers else None
+
+    def draw(j: int, gene: str, cv: float | None, threshold: float, units: str, out: Path | None) -> bytes:
+        measured_j = None if measured is None else _column(measured, j)
+        return gene_map(canvas, _column(adata.X, j), gene, measured_j, cv, threshold, units, out, style)
+
+    return _per_gene(adata, genes, top, out_dir, "", draw)
+
+
+def _per_gene(
+    adata: ad.AnnData, genes: Sequence[str] | None, top: int, out_dir: str | Path | None, suffix: str, draw
+) -> dict[str, bytes | Path]:
+    """Call ``draw(column, gene, cv_pearson, threshold, units, out)`` for each chosen gene; bytes or written paths by gene."""
+    chosen = select_genes(adata, genes, top)
+    threshold, units = _reliable_threshold(adata), units_label(adata)
     cv = adata.var["cv_pearson"] if "cv_pearson" in adata.var else None
-    paths = _outputs(chosen, out_dir, "")
+    paths = _outputs(chosen, out_dir, suffix)
     result: dict[str, bytes | Path] = {}
     for gene in chosen:
         j = adata.var_names.get_loc(gene)
-        data = gene_map(
-            canvas,
-            _column(adata.X, j),
-            gene,
-            measured=None if measured is None else _column(measured, j),
-            cv_pearson=None if cv is None else float(cv.iloc[j]),
-            reliable_pearson=threshold,
-            units=units,
-            out=paths[gene],
-            style=style,
-        )
+        data = draw(j, gene, None if cv is None else float(cv.iloc[j]), threshold, units, paths[gene])
         result[gene] = data if paths[gene] is None else paths[gene]
     return result
 
@@ -921,25 +923,12 @@ def gene_scatters(
     """
     if "measured" not in adata.layers:
         return {}
-    chosen = select_genes(adata, genes, top)
-    threshold, units = _reliable_threshold(adata), units_label(adata)
-    cv = adata.var["cv_pearson"] if "cv_pearson" in adata.var else None
-    paths = _outputs(chosen, out_dir, "_scatter")
-    result: dict[str, bytes | Path] = {}
-    for gene in chosen:
-        j = adata.var_names.get_loc(gene)
-        data = scatter_plot(
-            _column(adata.layers["measured"], j),
-            _column(adata.X, j),
-            gene,
-            cv_pearson=None if cv is None else float(cv.iloc[j]),
-            reliable_pearson=threshold,
-            units=units,
-            out=paths[gene],
-            style=style,
-        )
-        result[gene] = data if paths[gene] is None else paths[gene]
-    return result
+    measured = adata.layers["measured"]
+
+    def draw(j: int, gene: str, cv: float | None, threshold: float, units: str, out: Path | None) -> bytes:
+        return scatter_plot(_column(measured, j), _column(adata.X, j), gene, cv, threshold, units, out, style)
+
+    return _per_gene(adata, genes, top, out_dir, "_scatter", draw)
 
 
 def score_maps(
