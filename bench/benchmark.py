@@ -47,6 +47,7 @@ from virtualst.bench.splits import Fold
 from virtualst.bench.tasks import HEST_TASKS, Task, TaskError, get_task
 from virtualst.embed.runner import EmbedSettings
 from virtualst.errors import VirtualSTError
+from virtualst.files import write_text_atomically
 from virtualst.heads.base import jsonable
 
 #: Rows every leaderboard shows: the HEST reference and the two baselines.
@@ -147,18 +148,6 @@ class BenchmarkResult:
 def _slug(text: str) -> str:
     """A file-name-safe form of an encoder/task name (``hf-hub:org/name`` -> ``hf-hub_org_name``)."""
     return re.sub(r"[^A-Za-z0-9._+-]+", "_", text)
-
-
-def _write(path: Path, text: str) -> Path:
-    """Write ``text`` atomically (temp file + rename): a killed run leaves the old file or none."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def _strict_json(value: Any) -> Any:
@@ -292,9 +281,9 @@ def run_benchmark(config: BenchmarkConfig, show_progress: bool = True, command: 
         "config": out / "config.yaml",
         "results": out / "results.json",
     }
-    _write(paths["per_gene"], per_gene.to_csv(index=False))
-    _write(paths["leaderboard_csv"], leaderboard.to_csv(index=False))
-    _write(paths["leaderboard_md"], markdown_report(leaderboard, context, info, overall, figures, top_k=config.top_k))
+    write_text_atomically(paths["per_gene"], per_gene.to_csv(index=False))
+    write_text_atomically(paths["leaderboard_csv"], leaderboard.to_csv(index=False))
+    write_text_atomically(paths["leaderboard_md"], markdown_report(leaderboard, context, info, overall, figures, top_k=config.top_k))
     resolved = {
         "context": context,
         "tasks": [{**t.to_dict(), "folds": info[t.name]["folds"]} for t in tasks],
@@ -305,7 +294,7 @@ def run_benchmark(config: BenchmarkConfig, show_progress: bool = True, command: 
         "top_k": config.top_k,
         "n_boot": config.n_boot,
     }
-    _write(paths["config"], yaml.safe_dump(jsonable(resolved), sort_keys=False, allow_unicode=True))
+    write_text_atomically(paths["config"], yaml.safe_dump(jsonable(resolved), sort_keys=False, allow_unicode=True))
     fold_table = fold_means(per_gene)
     results = {
         "context": context,
@@ -315,5 +304,5 @@ def run_benchmark(config: BenchmarkConfig, show_progress: bool = True, command: 
         "folds": runner.records,
         "reused_folds": runner.reused,
     }
-    _write(paths["results"], json.dumps(_strict_json(results), indent=1, default=str))  # written last: the run is complete
+    write_text_atomically(paths["results"], json.dumps(_strict_json(results), indent=1, default=str))  # written last: the run is complete
     return BenchmarkResult(leaderboard, per_gene, overall, {**paths, "plots": out / "plots"}, runner.results)

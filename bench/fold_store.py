@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ import numpy as np
 from virtualst._version import __version__
 from virtualst.bench.data import SampleData
 from virtualst.bench.protocols import FoldResult
+from virtualst.files import write_atomically, write_text_atomically
 from virtualst.heads.base import jsonable
 
 STORE_VERSION = 1
@@ -52,15 +52,6 @@ def fold_key(config: dict[str, Any], fingerprints: Iterable[str]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_fold(base: Path, key: str, result: FoldResult) -> None:
     """Write ``base.npz`` then ``base.json`` (the JSON marks the pair complete)."""
     base.parent.mkdir(parents=True, exist_ok=True)
@@ -73,9 +64,9 @@ def save_fold(base: Path, key: str, result: FoldResult) -> None:
             np.savez(fh, **arrays)
 
     npz = base.with_suffix(".npz")
-    _atomic(npz, write_npz)
+    write_atomically(npz, write_npz)
     record = {"key": key, "genes": result.genes, "test_samples": ids, "metadata": jsonable(result.metadata)}
-    _atomic(base.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(record)))
+    write_text_atomically(base.with_suffix(".json"), json.dumps(record))
 
 
 def load_fold(base: Path, key: str) -> FoldResult | None:

@@ -17,14 +17,14 @@ Layout written::
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+
+from virtualst.files import write_atomically
 
 if TYPE_CHECKING:  # pragma: no cover
     import anndata as ad
@@ -141,13 +141,6 @@ def sample_to_anndata(sample: Sample, hires_max_px: int = 2000) -> ad.AnnData:
     return adata
 
 
-def _default_file_mode() -> int:
-    """The mode ``open()`` would give a new file under the current umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
 def write_h5ad_atomic(adata: ad.AnnData, path: str | Path) -> Path:
     """Write ``adata`` to ``path`` so that a crash never leaves a valid-looking file.
 
@@ -160,15 +153,4 @@ def write_h5ad_atomic(adata: ad.AnnData, path: str | Path) -> Path:
     Path
         ``path``.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    os.close(fd)
-    try:
-        adata.write_h5ad(tmp)
-        os.chmod(tmp, _default_file_mode())  # mkstemp makes 0600; an output file should be as readable as any other
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomically(path, lambda tmp: adata.write_h5ad(tmp))

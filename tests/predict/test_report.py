@@ -204,6 +204,8 @@ def test_summarize_model_leaves_out_what_the_config_lacks():
 
 
 def test_write_report_is_atomic(tmp_path, monkeypatch):
+    import virtualst.files as files
+
     path = tmp_path / "report.html"
     R.write_report(R.Report(slide_name="first"), path)
     assert "first" in path.read_text(encoding="utf-8")
@@ -211,7 +213,7 @@ def test_write_report_is_atomic(tmp_path, monkeypatch):
     def fail(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(R.os, "replace", fail)
+    monkeypatch.setattr(files.os, "replace", fail)
     with pytest.raises(OSError, match="disk full"):
         R.write_report(R.Report(slide_name="second"), path)
     assert "first" in path.read_text(encoding="utf-8")  # the old report is intact

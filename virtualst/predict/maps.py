@@ -20,9 +20,7 @@ Typical use on :meth:`virtualst.heads.predictor.GenePredictor.predict` output::
 from __future__ import annotations
 
 import io
-import os
 import re
-import tempfile
 import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -39,6 +37,8 @@ from matplotlib.colors import Colormap, ListedColormap, Normalize
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
+
+from virtualst.files import write_bytes_atomically
 
 if TYPE_CHECKING:  # pragma: no cover
     import anndata as ad
@@ -452,21 +452,8 @@ def render_png(fig: Figure, out: str | Path | None = None) -> bytes:
     palette.save(buffer, format="PNG")
     data = buffer.getvalue()
     if out is not None:
-        _write_atomic(Path(out), data)
+        write_bytes_atomically(out, data)
     return data
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; an image for a report should be readable
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --------------------------------------------------------------------- gene maps

@@ -24,6 +24,7 @@ import pandas as pd
 
 from virtualst.anndata_io import write_h5ad_atomic
 from virtualst.errors import VirtualSTError
+from virtualst.files import write_atomically
 from virtualst.predict.grid import get_grid
 from virtualst.predict.hotspots import hotspots_many, spot_coords_um
 from virtualst.predict.maps import gene_maps, gene_scatters, score_maps, select_genes, tissue_mask_map
@@ -42,13 +43,6 @@ class PredictionOutputs:
     signatures: Path | None = None
     hotspots: Path | None = None
     signature_maps: dict[str, Path] = field(default_factory=dict)
-
-
-def _write_csv(table: pd.DataFrame, path: Path) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    table.to_csv(tmp, index=False)
-    tmp.replace(path)
-    return path
 
 
 def score_signatures(adata, gene_sets: Iterable[str | Path | GeneSet] | Mapping[str, Sequence[str]], fdr: float = 0.05):
@@ -159,7 +153,8 @@ def run_prediction(
     if scores.shape[1]:
         sig_maps = {k: Path(v) for k, v in score_maps(adata, scores, tables, sig_report, out_dir=out_dir / "signatures").items()}
         wide, hot = _signature_tables(adata, scores, tables)
-        sig_path, hot_path = _write_csv(wide, out_dir / "signatures.csv"), _write_csv(hot, out_dir / "hotspots.csv")
+        sig_path = write_atomically(out_dir / "signatures.csv", lambda tmp: wide.to_csv(tmp, index=False))
+        hot_path = write_atomically(out_dir / "hotspots.csv", lambda tmp: hot.to_csv(tmp, index=False))
         by_name = {s.name: s for s in sets}
         for name in scores.columns:
             row = sig_report.loc[name]

@@ -24,7 +24,6 @@ from __future__ import annotations
 import base64
 import io
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -35,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from virtualst._version import __version__
+from virtualst.files import write_text_atomically
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TEMPLATE = "report.html"
@@ -428,17 +428,7 @@ def write_report(report: Report, path: str | Path) -> Path:
     Path
         ``path``.
     """
-    path = Path(path)
-    html = render_report(report)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(html, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return write_text_atomically(path, render_report(report))
 
 
 __all__ = [

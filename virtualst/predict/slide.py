@@ -25,10 +25,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,6 +36,7 @@ import pandas as pd
 from virtualst._version import __version__
 from virtualst.anndata_io import write_h5ad_atomic
 from virtualst.errors import InputError
+from virtualst.files import write_atomically
 from virtualst.predict.grid import SpotGrid, get_grid, make_grid
 from virtualst.predict.tissue import TissueMask, TissueSettings, detect_tissue, tissue_from_rgb
 from virtualst.sample import Sample
@@ -234,27 +232,6 @@ def predict_spots(predictor: GenePredictor, cache: Path, sample: Sample, chunk_s
 
 
 # --------------------------------------------------------------------- outputs
-def _file_mode() -> int:
-    """Permissions of a newly created file under the current umask (``mkstemp`` makes 0600 files)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def _replace_when_done(path: Path, write: Callable[[Path], None]) -> Path:
-    """Run ``write(tmp)`` on a hidden temporary file beside ``path``, then rename it over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, _file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def predictions_table(adata: ad.AnnData) -> pd.DataFrame:
     """``barcode, x, y`` then one column per gene, from predictions."""
     table = pd.DataFrame(np.asarray(adata.X), columns=list(adata.var_names))
@@ -267,10 +244,9 @@ def predictions_table(adata: ad.AnnData) -> pd.DataFrame:
 
 def write_outputs(adata: ad.AnnData, out_dir: Path, resolved: dict[str, Any]) -> tuple[Path, Path, Path]:
     """Write h5ad, CSV and settings JSON atomically; the h5ad goes last, as it marks a finished run."""
-    csv = _replace_when_done(out_dir / CSV_NAME, lambda tmp: predictions_table(adata).to_csv(tmp, index=False, float_format="%.6g"))
-    settings = _replace_when_done(out_dir / SETTINGS_NAME, lambda tmp: tmp.write_text(json.dumps(resolved, indent=2, default=str)))
+    csv = write_atomically(out_dir / CSV_NAME, lambda tmp: predictions_table(adata).to_csv(tmp, index=False, float_format="%.6g"))
+    settings = write_atomically(out_dir / SETTINGS_NAME, lambda tmp: tmp.write_text(json.dumps(resolved, indent=2, default=str)))
     h5ad = write_h5ad_atomic(adata, out_dir / H5AD_NAME)
-    os.chmod(h5ad, _file_mode())  # readable like any other output, not 0600 like its temporary file
     return h5ad, csv, settings
 
 

@@ -52,8 +52,6 @@ Examples
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,6 +63,7 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from virtualst._version import __version__
+from virtualst.files import write_atomically
 
 TRUTH_FILE = "synthetic_truth.json"
 SPOT_PITCH_UM = 200.0
@@ -600,18 +599,6 @@ def make_section(
 
 
 # ----------------------------------------------------------------------------- writing
-def _atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
-    """Write through a temporary file in the same folder, then rename (no half-written files)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # opened normally: the umask applies
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def write_section(section: SyntheticSection, out_dir: Path, jpeg_quality: int = 90) -> dict[str, str]:
     """Write one section in the her2st layout; returns its files relative to ``out_dir``."""
     sid = section.sample_id
@@ -621,13 +608,13 @@ def write_section(section: SyntheticSection, out_dir: Path, jpeg_quality: int = 
         "image": f"ST-imgs/{section.patient_id}/{sid}/{sid}.jpg",
         "morphology": f"truth/{sid}_morphology.tsv",
     }
-    _atomic_write(out_dir / files["counts"], lambda p: section.counts.to_csv(p, sep="\t", lineterminator="\n"))
-    _atomic_write(out_dir / files["spots"], lambda p: section.spots.to_csv(p, sep="\t", index=False, lineterminator="\n"))
-    _atomic_write(
+    write_atomically(out_dir / files["counts"], lambda p: section.counts.to_csv(p, sep="\t", lineterminator="\n"))
+    write_atomically(out_dir / files["spots"], lambda p: section.spots.to_csv(p, sep="\t", index=False, lineterminator="\n"))
+    write_atomically(
         out_dir / files["morphology"],
         lambda p: section.morphology.to_csv(p, sep="\t", float_format="%.6g", lineterminator="\n"),
     )
-    _atomic_write(
+    write_atomically(
         out_dir / files["image"],
         lambda p: Image.fromarray(section.image).save(p, format="JPEG", quality=jpeg_quality, optimize=False, subsampling=0),
     )
@@ -720,7 +707,7 @@ def make_synthetic_dataset(
         "groups": model.groups(),
         "sections": sections,
     }
-    _atomic_write(out_dir / TRUTH_FILE, lambda p: p.write_text(json.dumps(truth, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"))
+    write_atomically(out_dir / TRUTH_FILE, lambda p: p.write_text(json.dumps(truth, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"))
     return written
 
 
