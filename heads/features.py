@@ -6,7 +6,6 @@ import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-
 #: Default floor of a feature's scale, as a fraction of the median feature std.
 MIN_SCALE = 0.1
 

@@ -11,6 +11,7 @@ carry so users can see which genes the model can predict.
 from __future__ import annotations
 
 import copy
+import json
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -66,8 +67,10 @@ def encoder_identity(emb: Embeddings) -> dict[str, Any]:
     for key in ("encoder", "tile_um", "tile_px"):
         if key not in attrs:
             raise InputError(where, f"cache has no {key!r} attribute; embed it with `virtualst embed`")
+    run = json.loads(attrs["settings"]) if "settings" in attrs else {}
     return {
         "name": str(attrs["encoder"]),
+        "tta": bool(run.get("tta", False)),  # features averaged over the 8 dihedral transforms differ
         "weights_source": str(attrs.get("weights_source", "")),
         "weights_revision": str(attrs.get("weights_revision", "")),
         "weights_sha256": str(attrs.get("weights_sha256", "")),
@@ -78,8 +81,9 @@ def encoder_identity(emb: Embeddings) -> dict[str, Any]:
 
 
 def _same_encoder(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    keys = ("name", "weights_sha256", "weights_revision", "tile_px", "dim")
-    diffs = [f"{k} {b[k]!r} vs {a[k]!r}" for k in keys if str(a.get(k)) != str(b.get(k))]
+    a, b = {"tta": False, **a}, {"tta": False, **b}  # models saved before TTA was recorded were fitted without it
+    keys = ("name", "weights_sha256", "weights_revision", "tile_px", "dim", "tta")
+    diffs = [f"{k} {b.get(k)!r} vs {a.get(k)!r}" for k in keys if str(a.get(k)) != str(b.get(k))]
     if not np.isclose(a["tile_um"], b["tile_um"], rtol=1e-3):
         diffs.append(f"tile_um {b['tile_um']} vs {a['tile_um']}")
     return diffs

@@ -73,6 +73,10 @@ def test_refuses_embeddings_of_another_encoder(fitted, her2st_sections):
     other = replace(emb, attrs={**emb.attrs, "encoder": "uni_v1"})
     with pytest.raises(InputError, match="embedded with another encoder/tiling than this model .name 'uni_v1'"):
         fitted.predict(other)
+    settings = json.loads(emb.attrs["settings"])
+    tta = replace(emb, attrs={**emb.attrs, "settings": json.dumps({**settings, "tta": True})})
+    with pytest.raises(InputError, match="tta True vs False"):
+        fitted.predict(tta)
 
 
 @pytest.mark.parametrize("kind", list(HEADS))

@@ -183,6 +183,7 @@ def embed_settings_for(
         batch_size=batch_size,
         num_workers=num_workers,
         device=device,
+        tta=bool(encoder.get("tta", False)),
         weights=weights,
         overwrite=overwrite,
     )
