@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 
+from virtualst.bench.tasks import DirectorySource, Task
 from virtualst.errors import InputError
 
 #: Rows of the demo's leaderboard besides the reference rows.
@@ -73,21 +73,13 @@ def synthetic_gene_sets(root: Path) -> dict[str, list[str]]:
     return sets
 
 
-def _write_task(path: Path, data: Path, train: list, genes: str, normalization: str) -> Path:
+def demo_task(data: Path, train: list, genes: str, normalization: str) -> Task:
+    """The benchmark over the training sections (the held-out one is predicted afterwards)."""
     # Patient-disjoint folds when the training sections come from two or more patients (her2st's four are one patient's).
     split = "leave-one-patient-out" if len({s.patient_id or s.sample_id for s in train}) > 1 else "leave-one-sample-out"
-    task = {
-        "name": "demo",
-        "data": str(data.resolve()),
-        "samples": [s.sample_id for s in train],
-        "genes": genes,
-        "normalization": [normalization],
-        "split": split,
-        "description": "demo: training sections only, the held-out section is predicted afterwards",
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(task, sort_keys=False))
-    return path
+    source = DirectorySource(path=data.resolve(), sample_ids=tuple(s.sample_id for s in train))
+    description = "demo: training sections only, the held-out section is predicted afterwards"
+    return Task("demo", source, genes, (normalization,), split, description)
 
 
 def run_demo(
@@ -138,7 +130,10 @@ def run_demo(
     echo(f"data: {root} — training on {', '.join(s.sample_id for s in train)}; predicting {held_out.sample_id}")
 
     settings = EmbedSettings(device=device)
-    task_yaml = _write_task(out / "bench" / "task.yaml", root, train, genes, normalization)
+    task = demo_task(root, train, genes, normalization)
+    task_yaml = out / "bench" / "task.yaml"
+    task_yaml.parent.mkdir(parents=True, exist_ok=True)
+    task.to_yaml(task_yaml)
     config = BenchmarkConfig(
         tasks=(str(task_yaml),),
         data_root=root,
@@ -152,8 +147,7 @@ def run_demo(
     )
     bench = run_benchmark(config, show_progress=show_progress, command="virtualst demo")
     board = bench.leaderboard
-    split = yaml.safe_load(task_yaml.read_text())["split"]
-    echo(f"\nleaderboard (training sections, {split}, {normalization} targets, {genes}):")
+    echo(f"\nleaderboard (training sections, {task.split}, {normalization} targets, {genes}):")
     for r in board.itertuples():
         echo(f"  {r.rank:>2}. {r.row:<16} {score_text(r)}")
     best = best_image_row(board)

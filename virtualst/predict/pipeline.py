@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from virtualst.anndata_io import write_h5ad_atomic
 from virtualst.errors import VirtualSTError
 from virtualst.files import write_atomically
 from virtualst.predict.grid import get_grid
@@ -135,7 +134,12 @@ def run_prediction(
     unknown = sorted(set(genes or ()) - set(predictor.genes_))
     if unknown:
         raise VirtualSTError(f"gene(s) {', '.join(unknown)} not predicted by this model")
-    prediction = predict_slide(slide, predictor, out_dir, **predict_options)
+    signatures: dict[str, Any] = {}
+
+    def add_signatures(adata) -> None:  # scored before the h5ad is written, so it carries them in obs
+        signatures["scores"], signatures["report"], signatures["tables"] = score_signatures(adata, sets, fdr=fdr)
+
+    prediction = predict_slide(slide, predictor, out_dir, annotate=add_signatures, **predict_options)
     adata = prediction.adata
 
     chosen = select_genes(adata, genes, top=top_genes)
@@ -145,7 +149,7 @@ def run_prediction(
     cv = adata.var["cv_pearson"]
     figures = [ReportFigure.for_gene(g, Path(maps[g]).read_bytes(), float(cv[g]) if np.isfinite(cv[g]) else None, threshold) for g in chosen]
 
-    scores, sig_report, tables = score_signatures(adata, sets, fdr=fdr)
+    scores, sig_report, tables = signatures["scores"], signatures["report"], signatures["tables"]
     report_warnings = [f"Signature {name} not scored: {row['reason']}" for name, row in sig_report.iterrows() if not row["scored"]]
     sig_maps: dict[str, Path] = {}
     sections = []
@@ -168,7 +172,6 @@ def run_prediction(
                     genes_used=f"{int(row['n_genes_used'])} of {int(row['n_genes'])} genes used ({row['genes_used']})",
                 )
             )
-        write_h5ad_atomic(adata, prediction.h5ad)  # now with the signature columns in obs
 
     n_unreliable = int((~adata.var["reliable"].astype(bool)).sum())
     if n_unreliable:

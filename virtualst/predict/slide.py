@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -300,6 +301,7 @@ def predict_slide(
     overwrite: bool = False,
     tissue_max_px: int = 2048,
     show_progress: bool = True,
+    annotate: Callable[[ad.AnnData], Any] | None = None,
 ) -> SlidePrediction:
     """Predict spot-level gene expression over a slide and write the results.
 
@@ -348,6 +350,9 @@ def predict_slide(
         (measured samples use the ``hires`` image of the predictions).
     show_progress
         Draw a progress bar while embedding.
+    annotate
+        Called on the predictions before the files are written (e.g. to add
+        signature scores to ``obs``), so each file is written once.
 
     Returns
     -------
@@ -392,5 +397,7 @@ def predict_slide(
         tissue = _tissue_of_measured(adata, sample, TissueSettings(max_px=tissue_max_px))
     resolved["cache"] = str(cache)
     _annotate(adata, sample, tissue, resolved)
+    if annotate is not None:
+        annotate(adata)
     h5ad, csv, settings_path = write_outputs(adata, out_dir, resolved)
     return SlidePrediction(adata, h5ad, csv, settings_path, cache, sample, tissue, spot_grid, resolved)
