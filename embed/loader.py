@@ -19,7 +19,10 @@ class TileBatches:
     Batches rather than single tiles keep inter-process traffic to one
     message per batch; one dataset over every sample lets a worker decode
     the next slide while the encoder is still busy with the current one.
-    Picklable: image handles reopen in each worker.
+    Picklable: image handles reopen in each worker. Items run job by job, so
+    each process releases an image (a decoded JPEG can be 275 MB) as soon as
+    it reads from the next one: memory holds one image per process, not one
+    per sample.
     """
 
     def __init__(self, jobs: list[Any], batch_size: int) -> None:
@@ -34,6 +37,7 @@ class TileBatches:
             )
             if len(rows)
         ]
+        self._open_job: int | None = None
 
     def __len__(self) -> int:
         return len(self.items)
@@ -41,6 +45,9 @@ class TileBatches:
     def __getitem__(self, item: int) -> tuple[int, int, np.ndarray]:
         job, rows = self.items[item]
         image, centers, size0, px = self.sources[job]
+        if self._open_job is not None and self._open_job != job:
+            self.sources[self._open_job][0].close()
+        self._open_job = job
         tiles = np.empty((len(rows), px, px, 3), dtype=np.uint8)
         for out, row in enumerate(rows):
             tiles[out], _ = read_tile(image, centers[row], size0, px)

@@ -101,6 +101,19 @@ def test_scale_maps_dimensions_and_mpp(files):
     assert img.mpp == pytest.approx(MPP * 0.5)
 
 
+@pytest.mark.parametrize("mode", ["RGB", "L", "CMYK"])
+def test_jpeg_pixels_match_pil(tmp_path, mode):
+    """simplejpeg decodes RGB and grey JPEGs exactly as PIL does; CMYK goes through PIL."""
+    path = tmp_path / f"{mode}.jpg"
+    Image.fromarray(coord_pattern()).convert(mode).save(path, quality=90)
+    with Image.open(path) as ref:
+        expected = np.asarray(ref.convert("RGB"))
+    img = open_image(path)
+    tile, _ = img.read_region(0, 0, (W, H), (W, H))
+    np.testing.assert_array_equal(tile, expected)
+    assert isinstance(img._reader._pixels, np.ndarray) == (mode != "CMYK")
+
+
 # ------------------------------------------------------------------------ reads
 @pytest.mark.parametrize("kind", ["png", "tiff"])
 def test_one_to_one_read_is_exact(files, kind):
