@@ -1,18 +1,23 @@
-"""The encoder forward pass: device, memory format, preprocessing, TTA."""
+"""The encoder forward pass: device, memory format, preprocessing, TTA, out-of-memory back-off."""
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from virtualst.errors import EncoderError
+
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
     from virtualst.embed.encoders import Encoder
+
+log = logging.getLogger(__name__)
 
 
 def dihedral_views(x: torch.Tensor) -> Iterator[torch.Tensor]:
@@ -44,19 +49,71 @@ def keep_freed_memory() -> None:
 
 
 class FeatureExtractor:
-    """Device placement, preprocessing, memory format and TTA around an encoder."""
+    """Device placement, preprocessing, memory format, TTA and batch back-off around an encoder.
 
-    def __init__(self, encoder: Encoder, device: torch.device, tta: bool = False) -> None:
+    Parameters
+    ----------
+    encoder
+        The frozen encoder.
+    device
+        Where it runs.
+    tta
+        Average features over the 8 dihedral transforms.
+    compile
+        Run the encoder through ``torch.compile`` (worth it for long GPU runs:
+        the first batches pay the compilation).
+    max_batch
+        Most tiles per forward pass; larger batches are split. Halved (and the
+        batch retried) whenever the device runs out of memory, so a batch size
+        too large for the GPU slows the first batch instead of failing the run.
+    """
+
+    def __init__(
+        self, encoder: Encoder, device: torch.device, tta: bool = False, compile: bool = False, max_batch: int | None = None
+    ) -> None:
         import torch
 
         keep_freed_memory()
         self.device = device
         self.tta = tta
+        self.max_batch = max_batch
         # channels_last doubles CPU throughput of the convolutional encoders (oneDNN) and helps on GPU.
         self.encoder = encoder.to(device, memory_format=torch.channels_last).eval()
+        self._forward = torch.compile(self.encoder) if compile else self.encoder
 
     def __call__(self, tiles_bhwc: torch.Tensor) -> np.ndarray:
         """Features (B, D) float32 for a uint8 (B, H, W, 3) batch."""
+        import torch
+
+        done: list[np.ndarray] = []
+        start = 0
+        while start < len(tiles_bhwc) or not done:
+            chunk = tiles_bhwc[start : start + (self.max_batch or len(tiles_bhwc))]
+            try:
+                done.append(self._features(chunk))
+            except torch.OutOfMemoryError:
+                failed = len(chunk)  # back off outside the handler: its traceback pins the batch's tensors
+            else:
+                start += len(chunk)
+                continue
+            self._back_off(failed)
+        return done[0] if len(done) == 1 else np.concatenate(done)
+
+    def _back_off(self, failed: int) -> None:
+        """Halve the batch after an out-of-memory error; give up below one tile."""
+        import torch
+
+        if failed <= 1:
+            raise EncoderError(f"{self.encoder.config.name}: out of memory on {self.device} with a single tile; try --device cpu")
+        self.max_batch = failed // 2
+        log.warning(
+            "%s: out of memory on %s at %d tiles per batch; continuing with %d",
+            self.encoder.config.name, self.device, failed, self.max_batch,
+        )
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _features(self, tiles_bhwc: torch.Tensor) -> np.ndarray:
         import torch
 
         with torch.inference_mode():
@@ -64,7 +121,7 @@ class FeatureExtractor:
             x = self.encoder.preprocess(x).contiguous(memory_format=torch.channels_last)
             # The encoder applies its own precision (autocast) on CUDA.
             if self.tta:
-                features = torch.stack([self.encoder(view) for view in dihedral_views(x)]).mean(0)
+                features = torch.stack([self._forward(view) for view in dihedral_views(x)]).mean(0)
             else:
-                features = self.encoder(x)
+                features = self._forward(x)
             return features.float().cpu().numpy()

@@ -336,7 +336,7 @@ def predict_slide(
     device
         ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
     batch_size
-        Tiles per forward pass (default 16 on CPU, 64 on CUDA).
+        Tiles per forward pass (default 16 on CPU, 256 on CUDA, halved on out-of-memory).
     num_workers
         Tile-reading processes (default: none on CPU, one per core up to 8 on CUDA).
     weights
