@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import time
 from collections.abc import Callable
 
 import faiss
 import numpy as np
 from sklearn.neighbors import NearestNeighbors
 
+from virtualst.bench.timing import best_time, cpu_model
 from virtualst.heads.knn import KNNHead
 
 SKLEARN_METRIC = {"cosine": "cosine", "l2": "euclidean"}
@@ -46,16 +45,6 @@ def synthetic(n_references: int, n_queries: int, dims: int, seed: int = 0) -> tu
         return centres[rng.integers(0, 64, n)] + rng.normal(scale=0.8, size=(n, dims)).astype(np.float32)
 
     return draw(n_references), draw(n_queries)
-
-
-def best_time(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
-    """Fastest of ``repeats`` calls and the last result."""
-    times, out = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-    return min(times), out
 
 
 def exact_distances(R: np.ndarray, Q: np.ndarray, idx: np.ndarray, metric: str) -> np.ndarray:
@@ -95,12 +84,6 @@ def compare(R: np.ndarray, Q: np.ndarray, ours: np.ndarray, theirs: np.ndarray, 
 
 def machine() -> str:
     """CPU model, cores and the thread counts faiss and the BLAS libraries use."""
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     blas = ""
     try:
         from threadpoolctl import threadpool_info
@@ -108,36 +91,57 @@ def machine() -> str:
         blas = ", ".join(f"{i['internal_api']} {i.get('version')} x{i['num_threads']}" for i in threadpool_info() if i["user_api"] == "blas")
     except ImportError:
         pass
-    load = os.getloadavg()[0]
-    return f"{model}; {os.cpu_count()} CPUs, load {load:.1f}; faiss {faiss.__version__} OpenMP x{faiss.omp_get_max_threads()}; BLAS: {blas}"
+    threads = f"faiss {faiss.__version__} OpenMP x{faiss.omp_get_max_threads()}; BLAS: {blas}"
+    return f"{cpu_model()}; {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; {threads}"
 
 
-def run(args: argparse.Namespace) -> list[dict[str, float]]:
-    """Time and compare every requested metric; print one block each."""
-    R, Q = synthetic(args.references, args.queries, args.dims, args.seed)
-    print(f"references {len(R)} x {args.dims}, queries {len(Q)}, k {args.k}, best of {args.repeats}")
-    print(f"machine: {machine()}")
-    gemm, _ = best_time(lambda: Q @ R.T, args.repeats)
-    print(f"GEMM floor (float32 Q @ R.T, numpy): {gemm:.3f} s")
+def measure(
+    references: int = 20000,
+    queries: int = 5000,
+    dims: int = 1024,
+    k: int = 50,
+    metrics: tuple[str, ...] = ("cosine", "l2"),
+    repeats: int = 3,
+    seed: int = 0,
+    tie_rtol: float = 1e-5,
+    echo: Callable[[str], object] | None = print,
+) -> list[dict[str, float]]:
+    """Time and compare KNNHead and sklearn for every metric; one dict per metric.
+
+    Each dict holds ``metric``, ``knnhead_s``, ``sklearn_s``, ``gemm_s`` (best
+    of ``repeats``) and the agreement statistics of :func:`compare`. ``echo``
+    prints one block per metric (``None``: silent).
+    """
+    say = echo or (lambda _: None)
+    R, Q = synthetic(references, queries, dims, seed)
+    say(f"references {len(R)} x {dims}, queries {len(Q)}, k {k}, best of {repeats}")
+    say(f"machine: {machine()}")
+    gemm, _ = best_time(lambda: Q @ R.T, repeats)
+    say(f"GEMM floor (float32 Q @ R.T, numpy): {gemm:.3f} s")
     rows = []
-    for metric in args.metrics:
-        head = KNNHead(k_grid=(args.k,), temperature_grid=(1.0,), metric=metric, standardize=False, n_components=None)
+    for metric in metrics:
+        head = KNNHead(k_grid=(k,), temperature_grid=(1.0,), metric=metric, standardize=False, n_components=None)
         head.fit(R, np.zeros(len(R)))  # a single (k, temperature): no inner CV
-        nn = NearestNeighbors(n_neighbors=args.k, algorithm="brute", metric=SKLEARN_METRIC[metric]).fit(R)
-        t_head, (_, ours) = best_time(lambda: head.kneighbors(Q, args.k), args.repeats)
-        t_sk, (_, theirs) = best_time(lambda: nn.kneighbors(Q), args.repeats)
-        stats = compare(R, Q, ours, theirs, metric, args.tie_rtol)
-        print(
+        nn = NearestNeighbors(n_neighbors=k, algorithm="brute", metric=SKLEARN_METRIC[metric]).fit(R)
+        t_head, (_, ours) = best_time(lambda: head.kneighbors(Q, k), repeats)
+        t_sk, (_, theirs) = best_time(lambda: nn.kneighbors(Q), repeats)
+        stats = compare(R, Q, ours, theirs, metric, tie_rtol)
+        say(
             f"{metric:>6}: KNNHead {t_head:.3f} s  sklearn {t_sk:.3f} s  ratio {t_sk / t_head:.2f}x  "
             f"(KNNHead/GEMM {t_head / gemm:.2f}, sklearn/GEMM {t_sk / gemm:.2f})"
         )
-        print(
+        say(
             f"        identical neighbour sets {stats['identical']:.4%} (same order {stats['same_order']:.4%}); "
-            f"{stats['differ']} queries differ: {stats['ties']} float32 ties (rtol {args.tie_rtol:g}), "
+            f"{stats['differ']} queries differ: {stats['ties']} float32 ties (rtol {tie_rtol:g}), "
             f"exact float64 top-k matched by KNNHead {stats['ours_exact']}, sklearn {stats['theirs_exact']}"
         )
         rows.append({"metric": metric, "knnhead_s": t_head, "sklearn_s": t_sk, "gemm_s": gemm, **stats})
     return rows
+
+
+def run(args: argparse.Namespace) -> list[dict[str, float]]:
+    """:func:`measure` with the command line's arguments."""
+    return measure(args.references, args.queries, args.dims, args.k, tuple(args.metrics), args.repeats, args.seed, args.tie_rtol)
 
 
 def main(argv: list[str] | None = None) -> None:

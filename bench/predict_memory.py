@@ -32,8 +32,12 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    from virtualst.sample import Sample
 
 TILE = 256
 #: Visium spots per µm² of tissue: one per pitch² * sqrt(3) / 2.
@@ -263,12 +267,17 @@ def _child(func, args: tuple, results) -> None:
 
 
 def in_child(func, *args) -> dict:
-    """Run ``func(*args)`` in a spawned process: each phase gets its own, clean peak RSS.
+    """Run ``func(*args)`` in a fresh process: each phase gets its own, clean peak RSS.
 
-    (``ru_maxrss`` survives ``fork`` and ``exec`` on Linux, so the parent stays
-    small: it only starts the phases.)
+    On Linux ``ru_maxrss`` survives ``fork`` and ``exec``: a child spawned
+    from a large process reports (at least) that process's peak. Children of
+    multiprocessing's fork server instead start from the server's own small
+    footprint, so the figure stays clean whatever the caller holds (measured:
+    a parent holding 1.5 GB gave spawned children a 1.5 GB ``ru_maxrss``,
+    fork-server children 0.03 GB). Where there is no fork server, spawn.
     """
-    context = multiprocessing.get_context("spawn")
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    context = multiprocessing.get_context(method)
     results = context.Queue()
     child = context.Process(target=_child, args=(func, args, results))
     child.start()
@@ -296,6 +305,94 @@ def predict(slide: Path, model: Path, out: Path, options: dict) -> dict:
     }
 
 
+def ensure_slide(work: Path, spots: int, mpp: float = 0.5, show_progress: bool = False) -> tuple[Path, dict]:
+    """The generated slide for ``spots`` under ``work``, written in a child process unless already there.
+
+    Returns the path and the writing child's report (empty when the slide was reused).
+    """
+    side = slide_side_px(spots, mpp)
+    slide = Path(work) / f"slide_{side}px.tif"
+    if slide.exists():  # reused between runs: 50k spots' worth takes minutes to write
+        return slide, {}
+    return slide, in_child(write_slide, slide, side, mpp, 85, show_progress)
+
+
+def grid_sample(slide: Path) -> Sample:
+    """The spots ``virtualst predict`` would place on ``slide``: tissue detection, hexagonal 100 µm Visium grid."""
+    from virtualst.embed.images import open_image
+    from virtualst.predict.slide import detect_tissue, resolve_mpp, virtual_sample
+
+    image = open_image(slide)
+    um_per_px, _ = resolve_mpp(slide, image.mpp, None)
+    sample, _ = virtual_sample(image, Path(slide).stem, um_per_px, detect_tissue(image), "visium", None)
+    return sample
+
+
+def embed_slide(slide: Path, cache: Path, tile_px: int, options: dict) -> dict:
+    """Embed the Visium-grid spots over the tissue of ``slide`` (default encoder); returns what was embedded.
+
+    The spots are :func:`grid_sample`'s; ``options`` go to :class:`~virtualst.embed.runner.EmbedSettings`
+    (``device``, ``batch_size``, ``num_workers``) except ``show_progress``.
+    """
+    from virtualst.embed.runner import EmbedSettings, embed_samples
+    from virtualst.embed.tiling import TileSpec
+
+    options = dict(options)
+    show = options.pop("show_progress", False)
+    sample = grid_sample(slide)
+    settings = EmbedSettings(tile=TileSpec(px=tile_px), **options)
+    (path,) = embed_samples([sample], cache, settings, show_progress=show)
+    return {"n_spots": int(sample.n_spots), "cache_mb": path.stat().st_size / 1e6}
+
+
+def embedding_memory(
+    spots: int = 50_000,
+    tile_px: int = 224,
+    work: Path | None = None,
+    mpp: float = 0.5,
+    device: str = "auto",
+    batch_size: int | None = None,
+    num_workers: int | None = None,
+    show_progress: bool = False,
+) -> dict:
+    """Peak RSS of embedding a generated ``spots``-spot slide, measured in a fresh process.
+
+    The slide is written (or reused) under ``work`` (default: a temporary
+    folder, removed); the embedding runs from a cold cache in a fresh child (:func:`in_child`),
+    so nothing the caller holds counts towards its peak.
+
+    Returns
+    -------
+    dict
+        ``n_spots``, ``seconds``, ``tiles_per_s``, ``peak_rss_gb`` (``ru_maxrss``
+        of the child), ``sampled_peak_rss_gb``, ``rss_at_start_gb``, ``slide_px``,
+        ``slide_gb``, ``generate_s`` (``None`` when reused), ``tile_px`` and
+        ``target_peak_rss_gb``.
+    """
+    folder = Path(work) if work is not None else Path(tempfile.mkdtemp(prefix="vst-embed-memory-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        slide, generated = ensure_slide(folder, spots, mpp, show_progress)
+        cache = folder / "embed-cache"
+        shutil.rmtree(cache, ignore_errors=True)  # a cold run: no cache to reuse
+        options = {"device": device, "batch_size": batch_size, "num_workers": num_workers, "show_progress": show_progress}
+        run = in_child(embed_slide, slide, cache, tile_px, options)
+        shutil.rmtree(cache, ignore_errors=True)
+        report = {**run.pop("value"), **run}
+        report.update(
+            tiles_per_s=report["n_spots"] / report["seconds"],
+            slide_px=slide_side_px(spots, mpp),
+            slide_gb=slide.stat().st_size / 1e9,
+            generate_s=generated.get("seconds"),
+            tile_px=tile_px,
+            target_peak_rss_gb=TARGET_PEAK_GB,
+        )
+        return report
+    finally:
+        if work is None:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m virtualst.bench.predict_memory", description=__doc__.splitlines()[0])
     parser.add_argument("--spots", type=int, default=50_000, help="Visium-grid spots wanted on tissue (default 50000)")
@@ -313,10 +410,7 @@ def main(argv: list[str] | None = None) -> dict:
     show = not args.quiet
     try:
         side = slide_side_px(args.spots, args.mpp)
-        slide = work / f"slide_{side}px.tif"
-        generated = {}
-        if not slide.exists():  # reused between runs: 50k spots' worth takes minutes to write
-            generated = in_child(write_slide, slide, side, args.mpp, 85, show)
+        slide, generated = ensure_slide(work, args.spots, args.mpp, show)
         model = work / "model"
         if not (model / "config.json").exists():
             in_child(tiny_model, work, args.tile_px, 50, show)

@@ -26,11 +26,11 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import time
 
 import numpy as np
 
-from virtualst.heads.ridge import DEFAULT_ALPHAS, onednn_available, ridge_loo
+from virtualst.bench.timing import best_time, cpu_model, load_average
+from virtualst.heads.ridge import DEFAULT_ALPHAS, RidgeLOO, onednn_available, ridge_loo
 
 
 def synthetic(n_spots: int, n_dims: int, n_genes: int, n_test: int = 1000, seed: int = 0):
@@ -58,11 +58,7 @@ def matmul_gflops(n: int, dtype, repeats: int = 3) -> float:
     """GFLOP/s of a square numpy matmul of size ``n``."""
     rng = np.random.default_rng(1)
     a, b = rng.standard_normal((n, n)).astype(dtype), rng.standard_normal((n, n)).astype(dtype)
-    best = np.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
+    best, _ = best_time(lambda: a @ b, repeats)
     return 2.0 * n**3 / best / 1e9
 
 
@@ -71,14 +67,8 @@ def machine_info() -> list[str]:
     import sklearn
     from threadpoolctl import threadpool_info
 
-    cpu = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     lines = [
-        f"machine: {cpu}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}",
+        f"machine: {cpu_model()}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}",
         f"python {platform.python_version()}, numpy {np.__version__}, scikit-learn {sklearn.__version__}",
     ]
     for pool in threadpool_info():
@@ -94,11 +84,22 @@ def machine_info() -> list[str]:
     return lines
 
 
-def load() -> str:
-    try:
-        return "load average %.2f %.2f %.2f" % os.getloadavg()
-    except OSError:
-        return "load average n/a"
+def time_ridge_loo(X: np.ndarray, Y: np.ndarray, alphas=DEFAULT_ALPHAS, backend: str = "auto", repeats: int = 1) -> tuple[float, RidgeLOO]:
+    """Best-of-``repeats`` seconds of :func:`ridge_loo` (with intercept) and its result."""
+    return best_time(lambda: ridge_loo(X, Y, alphas, fit_intercept=True, backend=backend), repeats)
+
+
+def time_sklearn(X: np.ndarray, Y: np.ndarray, alphas=DEFAULT_ALPHAS, gcv_mode: str | None = None, repeats: int = 1):
+    """Best-of-``repeats`` seconds of ``RidgeCV(alphas, alpha_per_target=True).fit`` and the fitted model."""
+    from sklearn.linear_model import RidgeCV
+
+    return best_time(lambda: RidgeCV(alphas=alphas, alpha_per_target=True, gcv_mode=gcv_mode).fit(X, Y), repeats)
+
+
+def agreement(model, alpha: np.ndarray, predicted: np.ndarray, X_test: np.ndarray) -> tuple[float, float]:
+    """``(fraction of genes given sklearn's alpha, max |prediction difference| on X_test)``."""
+    same = float(np.mean(np.isclose(model.alpha_, alpha, rtol=1e-12)))
+    return same, float(np.abs(model.predict(X_test) - predicted).max())
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -112,20 +113,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--skip-sklearn", action="store_true", help="time ridge_loo alone")
     args = parser.parse_args(argv)
 
-    from sklearn.linear_model import RidgeCV
-
     alphas = DEFAULT_ALPHAS
     X, Y, X_test = synthetic(args.spots, args.dims, args.genes)
     if args.backend != "numpy":
         onednn_available()  # import torch now, as sklearn was imported above: a one-off start-up cost
     print(f"data: {args.spots} spots x {args.dims} dims -> {args.genes} genes; {len(alphas)} alphas {alphas[0]:g}..{alphas[-1]:g}")
-    print(load())
+    print(load_average())
 
-    ours_s, result = np.inf, None
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        result = ridge_loo(X, Y, alphas, fit_intercept=True, backend=args.backend)
-        ours_s = min(ours_s, time.perf_counter() - start)
+    ours_s, result = time_ridge_loo(X, Y, alphas, args.backend, args.repeats)
     gflop = result.flops["total"] / 1e9
     print(
         f"ridge_loo: {ours_s:.2f} s ({result.backend} float32 loop; {gflop:.0f} GFLOP, {gflop / ours_s:.1f} GFLOP/s; "
@@ -138,19 +133,14 @@ def main(argv: list[str] | None = None) -> dict:
     print("genes per alpha: " + " ".join(str(c) for c in chosen))
 
     if not args.skip_sklearn:
-        sk_s, model = np.inf, None
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            model = RidgeCV(alphas=alphas, alpha_per_target=True, gcv_mode=args.gcv_mode).fit(X, Y)
-            sk_s = min(sk_s, time.perf_counter() - start)
-        same = float(np.mean(np.isclose(model.alpha_, result.alpha, rtol=1e-12)))
-        diff = float(np.abs(model.predict(X_test) - (X_test @ result.coef.T + result.intercept)).max())
+        sk_s, model = time_sklearn(X, Y, alphas, args.gcv_mode, args.repeats)
+        same, diff = agreement(model, result.alpha, X_test @ result.coef.T + result.intercept, X_test)
         print(f"sklearn RidgeCV(alpha_per_target=True, gcv_mode={args.gcv_mode}): {sk_s:.2f} s")
         print(f"speed ratio sklearn / ridge_loo: {sk_s / ours_s:.2f} (target >= 5)")
         print(f"same alpha: {same:.4f} of genes (target 1)")
         print(f"max |prediction difference| on {len(X_test)} held-out spots: {diff:.2e} (target <= 1e-5)")
         report.update(sklearn_s=sk_s, ratio=sk_s / ours_s, same_alpha=same, max_diff=diff)
-    print(load())
+    print(load_average())
     for line in machine_info():
         print(line)
     return report

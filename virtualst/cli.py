@@ -71,18 +71,39 @@ def embed(
     spot_factor: Annotated[
         Optional[float], typer.Option(help="Spot-diameter-matched tiles: side = spot diameter x this (overrides --tile-um).")
     ] = None,
-    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Tiles per forward pass (default: 16 CPU, 64 GPU).")] = None,
+    batch_size: Annotated[
+        Optional[int], typer.Option(min=1, help="Tiles per forward pass (default: 16 CPU, 256 GPU, halved on out-of-memory).")
+    ] = None,
     workers: Annotated[Optional[int], typer.Option(min=0, help="Tile-reading processes (default: auto).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
     tta: Annotated[bool, typer.Option("--tta", help="Average over the 8 dihedral transforms.")] = False,
     float16: Annotated[bool, typer.Option("--float16", help="Store features as float16.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Recompute existing caches.")] = False,
     all_spots: Annotated[bool, typer.Option("--all-spots", help="Also embed spots outside the tissue (default: in-tissue only).")] = False,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the encoder (long GPU runs).")] = False,
+    ray: Annotated[bool, typer.Option("--ray", help="Distribute samples over Ray (a local instance unless --ray-address).")] = False,
+    ray_address: Annotated[
+        Optional[str], typer.Option(help="Ray cluster to join (auto, host:port, ray://host:10001); implies --ray.")
+    ] = None,
+    ray_gpus_per_task: Annotated[
+        Optional[float], typer.Option(min=0, help="GPUs per Ray worker (default: 1 when the device resolves to CUDA, else 0).")
+    ] = None,
+    ray_cpus_per_task: Annotated[
+        Optional[float], typer.Option(min=0, help="CPUs (torch threads) per Ray worker (default: 1; GPU workers their share, up to 8).")
+    ] = None,
 ) -> None:
-    """Embed the spot tiles of samples into the HDF5 cache (resumable)."""
+    """Embed the spot tiles of samples into the HDF5 cache (resumable), locally or over Ray."""
     from virtualst.embed.readers import read_all
     from virtualst.embed.runner import EmbedSettings, embed_samples
     from virtualst.embed.tiling import TileSpec
+
+    use_ray = ray or ray_address is not None
+    if not use_ray and (ray_gpus_per_task is not None or ray_cpus_per_task is not None):
+        raise VirtualSTError("--ray-gpus-per-task and --ray-cpus-per-task need --ray")
+    if use_ray:
+        from virtualst.embed.distributed import embed_samples_ray, import_ray
+
+        import_ray()  # before reading the samples
 
     tile = TileSpec(px=tile_px, um=None, spot_factor=spot_factor) if spot_factor else TileSpec(px=tile_px, um=tile_um)
     settings = EmbedSettings(
@@ -95,11 +116,19 @@ def embed(
         storage_dtype="float16" if float16 else "float32",
         weights=weights,
         overwrite=overwrite,
+        compile=compile,
     )
     loaded = [sample for path in samples for sample in read_all(path)]
     if not all_spots:
         loaded = [sample.in_tissue() for sample in loaded]
-    paths = embed_samples(loaded, cache, settings, show_progress=sys.stderr.isatty())
+    if use_ray:
+        report = embed_samples_ray(
+            loaded, cache, settings, ray_address, ray_gpus_per_task, ray_cpus_per_task, show_progress=sys.stderr.isatty()
+        )
+        paths = report.paths
+        typer.echo(report.summary(), err=True)  # stdout stays the list of caches
+    else:
+        paths = embed_samples(loaded, cache, settings, show_progress=sys.stderr.isatty())
     for path in paths:
         typer.echo(str(path))
 
@@ -350,6 +379,66 @@ def pull(
     cv = config.get("cv", {})
     score = f", CV mean Pearson {cv['mean_pearson']:.3f}" if cv.get("folds") else ""
     typer.echo(f"{folder}: {config['head']['kind']} head on {config['encoder']['name']}, {len(config['target']['genes'])} genes{score}")
+
+
+@app.command()
+@user_errors
+def perf(
+    rows: Annotated[str, typer.Option(help="Comma-separated rows: 1 embed, 2 ridge, 3 gflops, 4 knn, 5 memory, 6 heads.")] = "1,2,3,4,5,6",
+    quick: Annotated[bool, typer.Option("--quick", help="Small sizes: a smoke run of about a minute (ratios only indicative).")] = False,
+    device: Annotated[str, typer.Option(help="Encoder device of rows 1 and 5: auto, cpu, cuda, cuda:N.")] = "auto",
+    out: Annotated[Optional[Path], typer.Option(help="Also write the table to this markdown file, and JSON beside it (.json).")] = None,
+    embed_samples: Annotated[
+        Optional[list[Path]], typer.Option("--embed-samples", help="Row 1: sample folders (repeatable; default her2st + stutility_mob).")
+    ] = None,
+    ridge_spots: Annotated[Optional[int], typer.Option(min=2, help="Rows 2-3: spots (default 20000).")] = None,
+    ridge_dims: Annotated[Optional[int], typer.Option(min=1, help="Rows 2-3: embedding dimensions (default 1024).")] = None,
+    ridge_genes: Annotated[Optional[int], typer.Option(min=1, help="Rows 2-3: genes (default 2000).")] = None,
+    knn_references: Annotated[Optional[int], typer.Option(min=1, help="Row 4: reference spots (default 20000).")] = None,
+    knn_queries: Annotated[Optional[int], typer.Option(min=1, help="Row 4: query spots (default 5000).")] = None,
+    memory_spots: Annotated[Optional[int], typer.Option(min=1, help="Row 5: spots of the generated slide (default 50000).")] = None,
+    memory_tile_px: Annotated[Optional[int], typer.Option(min=8, help="Row 5: encoder tile side in pixels (default 224).")] = None,
+    memory_work: Annotated[Optional[Path], typer.Option(help="Row 5: keep the generated slide here and reuse it (default: temporary).")] = None,
+    heads_spots: Annotated[Optional[int], typer.Option(min=10, help="Row 6: spots (default 20000).")] = None,
+    heads_genes: Annotated[Optional[int], typer.Option(min=1, help="Row 6: genes (default 2000).")] = None,
+    lgbm_genes: Annotated[
+        Optional[int], typer.Option(min=0, help="Row 6: LightGBM genes actually fitted, extrapolated to all (default 100; 0 = all).")
+    ] = None,
+) -> None:
+    """Side-by-side speed and memory comparisons on this machine, printed as one table."""
+    from virtualst.bench.perf import PerfConfig, describe_machine, format_table, run_perf, select_rows, with_changes, write_report
+
+    config = PerfConfig.quick() if quick else PerfConfig()
+    measured = None if lgbm_genes is None else (() if lgbm_genes == 0 else (("lgbm", lgbm_genes),))
+    try:
+        config = with_changes(
+            config,
+            rows=tuple(_names(rows) or ()),
+            device=device,
+            embed_samples=tuple(embed_samples) if embed_samples else None,
+            ridge_spots=ridge_spots,
+            ridge_dims=ridge_dims,
+            ridge_genes=ridge_genes,
+            knn_references=knn_references,
+            knn_queries=knn_queries,
+            memory_spots=memory_spots,
+            memory_tile_px=memory_tile_px,
+            memory_work=memory_work,
+            heads_spots=heads_spots,
+            heads_genes=heads_genes,
+            heads_measured_genes=measured,
+        )
+        select_rows(config.rows)
+    except ValueError as exc:  # an unknown row
+        raise VirtualSTError(str(exc)) from None
+    results = run_perf(config, echo=lambda line: typer.echo(line, err=True))
+    machine = describe_machine(device)
+    typer.echo(format_table(results, machine))
+    if out is not None:
+        for path in write_report(out, results, machine, config, command=" ".join(["virtualst", *sys.argv[1:]])):
+            typer.echo(str(path))
+    if any(r.error for r in results):
+        raise typer.Exit(1)
 
 
 if __name__ == "__main__":  # pragma: no cover

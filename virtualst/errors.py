@@ -25,6 +25,10 @@ class InputError(VirtualSTError, ValueError):
         self.problem = problem
         super().__init__(f"{path}: {problem}")
 
+    def __reduce__(self):
+        # Rebuild from the constructor's arguments when pickled (Ray, multiprocessing), not from the message.
+        return type(self), (self.path, self.problem)
+
 
 class EncoderError(VirtualSTError, ValueError):
     """An encoder is unknown, or its weights cannot be obtained."""
@@ -34,6 +38,10 @@ class MissingDependencyError(VirtualSTError, ImportError):
     """An optional dependency is needed; the message carries the install hint."""
 
     def __init__(self, package: str, extra: str | None = None, purpose: str = "") -> None:
+        self.package, self.extra, self.purpose = package, extra, purpose
         hint = f"pip install 'virtualst[{extra}]'" if extra else f"pip install {package}"
         what = f" for {purpose}" if purpose else ""
         super().__init__(f"{package} is needed{what}: {hint}")
+
+    def __reduce__(self):
+        return type(self), (self.package, self.extra, self.purpose)

@@ -50,3 +50,23 @@ def make_sample(tmp_path, n_side: int = 4, um_per_px: float = 0.5, sample_id: st
 def toy_sample(tmp_path) -> Sample:
     """16 spots on a 0.5 µm/px PNG."""
     return make_sample(tmp_path)
+
+
+@pytest.fixture
+def interrupt_at_batch(monkeypatch):
+    """``interrupt_at_batch(n)``: the n-th encoder batch from now raises KeyboardInterrupt (a killed run)."""
+    from virtualst.embed.extractor import FeatureExtractor
+
+    def arm(n: int) -> None:
+        calls = {"n": 0}
+        real_call = FeatureExtractor.__call__
+
+        def dies(self, tiles):
+            calls["n"] += 1
+            if calls["n"] == n:
+                raise KeyboardInterrupt
+            return real_call(self, tiles)
+
+        monkeypatch.setattr(FeatureExtractor, "__call__", dies)
+
+    return arm

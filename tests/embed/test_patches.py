@@ -67,21 +67,13 @@ def test_cache_holds_patch_features_coords_barcodes_and_provenance(extractor, tm
     assert other["um_per_px"] == pytest.approx(0.25) and other["um_per_px_known"]
 
 
-def test_killed_patch_run_resumes_and_matches_uninterrupted_run(extractor, tmp_path, monkeypatch):
+def test_killed_patch_run_resumes_and_matches_uninterrupted_run(extractor, tmp_path, monkeypatch, interrupt_at_batch):
     write_patches(tmp_path / "S1.h5", n=13)
     patches = [PatchFile("S1", tmp_path / "S1.h5")]
     reference = read_embeddings(_run(patches, extractor, tmp_path / "ref")[0]).features
 
-    calls = {"n": 0}
     real_call = FeatureExtractor.__call__
-
-    def dies_on_third_batch(self, tiles):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real_call(self, tiles)
-
-    monkeypatch.setattr(FeatureExtractor, "__call__", dies_on_third_batch)
+    interrupt_at_batch(3)
     final = tmp_path / "run" / "efficientnet_lite0" / "S1.h5"
     with pytest.raises(KeyboardInterrupt):
         _run(patches, extractor, tmp_path / "run")

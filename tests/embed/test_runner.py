@@ -59,19 +59,11 @@ def test_cache_holds_features_coords_barcodes_and_provenance(toy_sample, extract
     assert not np.allclose(emb.features[0], emb.features[5]), "different tiles must give different features"
 
 
-def test_killed_run_resumes_and_matches_uninterrupted_run(toy_sample, extractor, tmp_path, monkeypatch):
+def test_killed_run_resumes_and_matches_uninterrupted_run(toy_sample, extractor, tmp_path, monkeypatch, interrupt_at_batch):
     reference = read_embeddings(_run(toy_sample, extractor, tmp_path / "ref")).features
 
-    calls = {"n": 0}
     real_call = FeatureExtractor.__call__
-
-    def dies_on_third_batch(self, tiles):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real_call(self, tiles)
-
-    monkeypatch.setattr(FeatureExtractor, "__call__", dies_on_third_batch)
+    interrupt_at_batch(3)
     final = tmp_path / "run" / "efficientnet_lite0" / "toy.h5"
     with pytest.raises(KeyboardInterrupt):
         _run(toy_sample, extractor, tmp_path / "run")
