@@ -38,6 +38,7 @@ import numpy as np
 
 from virtualst.bench.embed_throughput import DEFAULT_SAMPLES, SHARED_DATA
 from virtualst.bench.timing import best_time, cpu_model, load_average
+from virtualst.files import write_text_atomically
 
 #: Genes of LightGBM fitted in row 6 at full size; the time for every gene is extrapolated linearly from them.
 LGBM_MEASURED_GENES = 100
@@ -496,10 +497,10 @@ def write_report(path: Path, results: list[PerfResult], machine: str, config: Pe
     text = format_table(results, machine)
     if command:
         text = f"`{command}`\n\n{text}"
-    path.write_text(text + "\n")
+    write_text_atomically(path, text + "\n")
     data = {"machine": machine, "command": command, "config": config.to_dict(), "results": [asdict(r) for r in results]}
     json_path = path.with_suffix(".json") if path.suffix != ".json" else path.with_suffix(".perf.json")
-    json_path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    write_text_atomically(json_path, json.dumps(data, indent=2, default=str) + "\n")
     return path, json_path
 
 

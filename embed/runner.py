@@ -39,7 +39,7 @@ from virtualst.errors import InputError
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from virtualst.embed.encoders import Encoder
+    from virtualst.embed.encoders import Encoder, EncoderIdentity
     from virtualst.sample import Sample
 
 
@@ -144,7 +144,7 @@ class EmbedJob:
 
 
 # ----------------------------------------------------------------------- provenance
-def cache_settings(sample: Sample, encoder: Encoder, settings: EmbedSettings, tile_um: float) -> dict[str, Any]:
+def cache_settings(sample: Sample, encoder: Encoder | EncoderIdentity, settings: EmbedSettings, tile_um: float) -> dict[str, Any]:
     """The settings a cache must share with a run to be reused or resumed."""
     spots = np.concatenate([sample.barcodes.astype(str), sample.centers.round(3).astype(str).ravel()])
     return {
@@ -161,7 +161,7 @@ def cache_settings(sample: Sample, encoder: Encoder, settings: EmbedSettings, ti
 
 
 def provenance_attrs(
-    sample: Sample, encoder: Encoder, settings: EmbedSettings, tile_um: float, device: torch.device
+    sample: Sample, encoder: Encoder | EncoderIdentity, settings: EmbedSettings, tile_um: float, device: torch.device
 ) -> dict[str, Any]:
     """Attributes written into the cache file (DESIGN.md §2)."""
     import torch
@@ -271,7 +271,7 @@ def stream_to_caches(
             out.close()
 
 
-def plan_job(sample: Sample, encoder: Encoder, device: torch.device, cache_dir: str | Path, settings: EmbedSettings):
+def plan_job(sample: Sample, encoder: Encoder | EncoderIdentity, device: torch.device, cache_dir: str | Path, settings: EmbedSettings):
     """Return the :class:`EmbedJob` for ``sample``, or its cache path when a complete one is reused.
 
     Raises :class:`InputError` when a cache made with other settings exists
@@ -325,6 +325,24 @@ def embed_with(
     return paths
 
 
+def reuse_complete_caches(samples: list[Sample], cache_dir: str | Path, settings: EmbedSettings) -> list[Path] | None:
+    """The cache paths when every sample already has a complete cache with these settings, else ``None``.
+
+    Identifies the encoder without building it (:func:`~virtualst.embed.encoders.describe_encoder`),
+    so a re-run with a billion-parameter model does not load it to find nothing to do.
+    """
+    from virtualst.embed.encoders import describe_encoder
+
+    if settings.overwrite:
+        return None
+    identity = describe_encoder(settings.encoder, weights=settings.weights)
+    if identity is None:
+        return None
+    device = resolve_device(settings.device)
+    planned = [plan_job(s, identity, device, cache_dir, settings) for s in samples]
+    return planned if all(isinstance(p, Path) for p in planned) else None
+
+
 def embed_samples(
     samples: Iterable[Sample],
     cache_dir: str | Path,
@@ -348,6 +366,9 @@ def embed_samples(
 
     settings = settings or EmbedSettings()
     samples = list(samples)
+    reused = reuse_complete_caches(samples, cache_dir, settings)
+    if reused is not None:
+        return reused
     extractor = make_extractor(settings)
     total = sum(s.n_spots for s in samples)
     with tqdm(total=total, unit="tile", desc=f"embed {extractor.encoder.config.name}", disable=not show_progress) as bar:

@@ -29,11 +29,13 @@ from virtualst.embed.encoders.registry import (
 
 if TYPE_CHECKING:
     from virtualst.embed.encoders.encoder import Encoder
-    from virtualst.embed.encoders.factory import load_encoder
+    from virtualst.embed.encoders.factory import EncoderIdentity, describe_encoder, load_encoder
 
 __all__ = [
     "Encoder",
     "EncoderConfig",
+    "EncoderIdentity",
+    "describe_encoder",
     "get_encoder_config",
     "list_encoders",
     "load_encoder",
@@ -41,7 +43,7 @@ __all__ = [
     "unregister_encoder",
 ]
 
-_LAZY = {"load_encoder": "factory", "Encoder": "encoder"}
+_LAZY = {"load_encoder": "factory", "describe_encoder": "factory", "EncoderIdentity": "factory", "Encoder": "encoder"}
 
 
 def __getattr__(name: str) -> Any:

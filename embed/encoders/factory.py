@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +76,63 @@ def load_encoder(
         dim, pooling = _probe(trunk, config)
         config = config.replace(dim=dim, pooling=pooling)
 
-    provenance = {
+    return Encoder(trunk, config, _provenance(config, resolved, overrides))
+
+
+@dataclass(frozen=True)
+class EncoderIdentity:
+    """What a cache records about an encoder (config and weight provenance), known without building it.
+
+    Has the attributes of :class:`Encoder` that cache planning reads, so
+    complete caches can be recognised without loading a billion-parameter model.
+    """
+
+    config: EncoderConfig
+    provenance: dict[str, Any]
+
+    @property
+    def dim(self) -> int:
+        return self.config.dim
+
+    @property
+    def input_size(self) -> int:
+        return self.config.input_size
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return tuple(self.config.mean)
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return tuple(self.config.std)
+
+    @property
+    def precision(self) -> str:
+        return self.config.precision
+
+
+def describe_encoder(spec: str, *, weights: str | Path | None = None) -> EncoderIdentity | None:
+    """The identity :func:`load_encoder` would give ``spec`` (pretrained), without building it.
+
+    Resolves (and hashes) the weight files but reads no tensor. ``None`` for
+    ``hf-hub:``/``local-dir:`` specs, whose feature size is only known by
+    running the model.
+
+    Raises
+    ------
+    EncoderError
+        Unknown name, weights missing or gated.
+    """
+    if spec.startswith(("hf-hub:", "local-dir:")):
+        return None
+    config = get_encoder_config(spec)
+    resolved = W.from_path(weights, name=config.name) if weights is not None else _resolve_registered(config)
+    return EncoderIdentity(config, _provenance(config, resolved, {}))
+
+
+def _provenance(config: EncoderConfig, resolved: W.ResolvedWeights | None, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Where an encoder's weights came from and how it was built (recorded in every cache)."""
+    return {
         "encoder": config.name,
         "weights": resolved.source if resolved else "random",
         "revision": resolved.revision if resolved else None,
@@ -87,7 +144,6 @@ def load_encoder(
         "pretrained": resolved is not None,
         "arch_overrides": overrides,
     }
-    return Encoder(trunk, config, provenance)
 
 
 def _resolve_registered(config: EncoderConfig) -> W.ResolvedWeights:

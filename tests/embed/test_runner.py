@@ -119,6 +119,32 @@ def test_embed_samples_float16_storage(toy_sample, tmp_path):
     assert read_embeddings(path).features.dtype == np.float16
 
 
+def test_complete_caches_are_reused_without_building_the_encoder(tmp_path, monkeypatch):
+    from virtualst.embed import runner
+
+    first, second = make_sample(tmp_path, n_side=2, sample_id="a"), make_sample(tmp_path, n_side=2, sample_id="b")
+    settings = EmbedSettings(batch_size=4, num_workers=0)
+    paths = embed_samples([first], tmp_path / "cache", settings, show_progress=False)
+    built = []
+    real_make = runner.make_extractor
+    monkeypatch.setattr(runner, "make_extractor", lambda s: built.append(s) or real_make(s))
+    assert embed_samples([first], tmp_path / "cache", settings, show_progress=False) == paths
+    assert built == [], "nothing to do: the encoder is identified from its weights, not built"
+    embed_samples([first, second], tmp_path / "cache", settings, show_progress=False)
+    assert len(built) == 1, "one cache missing: the encoder is built"
+
+
+def test_encoder_identity_matches_the_loaded_encoder(encoder):
+    from virtualst.embed.encoders import describe_encoder
+
+    identity = describe_encoder("efficientnet_lite0")
+    assert identity.provenance == encoder.provenance and identity.config == encoder.config
+    assert (identity.dim, identity.input_size, identity.mean, identity.std, identity.precision) == (
+        encoder.dim, encoder.input_size, encoder.mean, encoder.std, encoder.precision
+    )
+    assert describe_encoder("local-dir:/nowhere") is None  # its feature size is only known by running it
+
+
 def test_sample_without_image_is_refused(toy_sample, extractor, tmp_path):
     toy_sample.image = None
     with pytest.raises(InputError, match="no image"):
