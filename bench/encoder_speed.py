@@ -114,7 +114,7 @@ def measure(
     batch_size: int | None = None,
     workers: int | None = None,
     random_weights: bool = False,
-    compile: bool = False,
+    compile_encoder: bool = False,
     peak: bool = True,
     workdir: Path | None = None,
 ) -> EncoderSpeed:
@@ -124,7 +124,7 @@ def measure(
     from virtualst.embed.encoders import load_encoder
 
     torch_device = resolve_device(device)
-    extractor = FeatureExtractor(load_encoder(encoder, pretrained=not random_weights), torch_device, compile=compile)
+    extractor = FeatureExtractor(load_encoder(encoder, pretrained=not random_weights), torch_device, compile_encoder=compile_encoder)
     batch = batch_size or default_batch_size(torch_device)
     settings = EmbedSettings(encoder=encoder, batch_size=batch, num_workers=workers, device=str(torch_device))
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
@@ -141,7 +141,7 @@ def measure(
         precision=extractor.encoder.precision if cuda else "fp32",
         batch_size=batch,
         workers=workers if workers is not None else default_workers(torch_device),
-        compiled=compile,
+        compiled=compile_encoder,
         tiles=sample.n_spots,
         model_tiles_per_s=model,
         pipeline_tiles_per_s=pipeline,

@@ -59,7 +59,7 @@ class FeatureExtractor:
         Where it runs.
     tta
         Average features over the 8 dihedral transforms.
-    compile
+    compile_encoder
         Run the encoder through ``torch.compile`` (worth it for long GPU runs:
         the first batches pay the compilation).
     max_batch
@@ -69,7 +69,7 @@ class FeatureExtractor:
     """
 
     def __init__(
-        self, encoder: Encoder, device: torch.device, tta: bool = False, compile: bool = False, max_batch: int | None = None
+        self, encoder: Encoder, device: torch.device, tta: bool = False, compile_encoder: bool = False, max_batch: int | None = None
     ) -> None:
         import torch
 
@@ -79,7 +79,7 @@ class FeatureExtractor:
         self.max_batch = max_batch
         # channels_last doubles CPU throughput of the convolutional encoders (oneDNN) and helps on GPU.
         self.encoder = encoder.to(device, memory_format=torch.channels_last).eval()
-        self._forward = torch.compile(self.encoder) if compile else self.encoder
+        self._forward = torch.compile(self.encoder) if compile_encoder else self.encoder
 
     def __call__(self, tiles_bhwc: torch.Tensor) -> np.ndarray:
         """Features (B, D) float32 for a uint8 (B, H, W, 3) batch."""

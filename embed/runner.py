@@ -70,7 +70,7 @@ class EmbedSettings:
         Local file or directory overriding the encoder's weight source.
     overwrite
         Recompute even when a complete cache with the same settings exists.
-    compile
+    compile_encoder
         Run the encoder through ``torch.compile``.
     """
 
@@ -83,7 +83,7 @@ class EmbedSettings:
     storage_dtype: str = "float32"
     weights: str | None = None
     overwrite: bool = False
-    compile: bool = False
+    compile_encoder: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form, saved beside outputs."""
@@ -118,7 +118,7 @@ def make_extractor(settings: EmbedSettings) -> FeatureExtractor:
     from virtualst.embed.encoders import load_encoder
 
     encoder = load_encoder(settings.encoder, weights=settings.weights)
-    return FeatureExtractor(encoder, resolve_device(settings.device), tta=settings.tta, compile=settings.compile)
+    return FeatureExtractor(encoder, resolve_device(settings.device), tta=settings.tta, compile_encoder=settings.compile_encoder)
 
 
 def default_workers(device: torch.device) -> int:

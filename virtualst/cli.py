@@ -80,7 +80,7 @@ def embed(
     float16: Annotated[bool, typer.Option("--float16", help="Store features as float16.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Recompute existing caches.")] = False,
     all_spots: Annotated[bool, typer.Option("--all-spots", help="Also embed spots outside the tissue (default: in-tissue only).")] = False,
-    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the encoder (long GPU runs).")] = False,
+    compile_encoder: Annotated[bool, typer.Option("--compile", help="torch.compile the encoder (long GPU runs).")] = False,
     ray: Annotated[bool, typer.Option("--ray", help="Distribute samples over Ray (a local instance unless --ray-address).")] = False,
     ray_address: Annotated[
         Optional[str], typer.Option(help="Ray cluster to join (auto, host:port, ray://host:10001); implies --ray.")
@@ -116,7 +116,7 @@ def embed(
         storage_dtype="float16" if float16 else "float32",
         weights=weights,
         overwrite=overwrite,
-        compile=compile,
+        compile_encoder=compile_encoder,
     )
     loaded = [sample for path in samples for sample in read_all(path)]
     if not all_spots:

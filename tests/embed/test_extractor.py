@@ -75,7 +75,7 @@ def test_compile_setting_reaches_torch_compile(monkeypatch):
         return module
 
     monkeypatch.setattr(torch, "compile", fake_compile)
-    extractor = make_extractor(EmbedSettings(device="cpu", compile=True))
+    extractor = make_extractor(EmbedSettings(device="cpu", compile_encoder=True))
     assert compiled == [extractor.encoder]
     make_extractor(EmbedSettings(device="cpu"))
     assert len(compiled) == 1  # not compiled unless asked
@@ -84,5 +84,5 @@ def test_compile_setting_reaches_torch_compile(monkeypatch):
 @pytest.mark.slow
 def test_compiled_encoder_gives_the_same_features(encoder, tiles):
     plain = FeatureExtractor(encoder, torch.device("cpu"))(tiles)
-    compiled = FeatureExtractor(encoder, torch.device("cpu"), compile=True)(tiles)
+    compiled = FeatureExtractor(encoder, torch.device("cpu"), compile_encoder=True)(tiles)
     np.testing.assert_allclose(compiled, plain, rtol=1e-3, atol=1e-3)
