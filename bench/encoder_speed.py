@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -31,6 +30,7 @@ from typing import Any
 
 from virtualst.bench.flops import flops_per_tile, measured_matmul_tflops, synchronize, vendor_bf16_peak_tflops
 from virtualst.bench.predict_memory import ensure_slide, grid_sample
+from virtualst.bench.timing import cpu_model
 from virtualst.embed.extractor import FeatureExtractor
 from virtualst.embed.runner import EmbedSettings, default_batch_size, default_workers, embed_with, resolve_device
 from virtualst.sample import Sample
@@ -88,11 +88,11 @@ def model_only_rate(extractor: FeatureExtractor, batch_size: int, tiles: int) ->
     x = encoder.preprocess(x).contiguous(memory_format=torch.channels_last)
     batches = max(1, math.ceil(tiles / batch_size))
     with torch.inference_mode():
-        extractor._forward(x)  # warm-up: kernel choice, compilation, allocator
+        extractor.forward(x)  # warm-up: kernel choice, compilation, allocator
         synchronize(device)
         start = time.perf_counter()
         for _ in range(batches):
-            extractor._forward(x)
+            extractor.forward(x)
         synchronize(device)
     return batches * batch_size / (time.perf_counter() - start)
 
@@ -134,10 +134,11 @@ def measure(
         pipeline = pipeline_rate(extractor, sample, settings)
     gflops = flops_per_tile(extractor.encoder, torch_device) / 1e9
     cuda = torch_device.type == "cuda"
+    device_name = torch.cuda.get_device_name(torch_device) if cuda else cpu_model()
     return EncoderSpeed(
         encoder=encoder,
         device=str(torch_device),
-        device_name=torch.cuda.get_device_name(torch_device) if cuda else (platform.processor() or platform.machine()),
+        device_name=device_name,
         precision=extractor.encoder.precision if cuda else "fp32",
         batch_size=batch,
         workers=workers if workers is not None else default_workers(torch_device),
@@ -148,7 +149,7 @@ def measure(
         ratio=pipeline / model,
         gflops_per_tile=gflops,
         achieved_tflops=gflops * model / 1e3,
-        vendor_peak_tflops=vendor_bf16_peak_tflops(torch.cuda.get_device_name(torch_device)) if cuda else None,
+        vendor_peak_tflops=vendor_bf16_peak_tflops(device_name) if cuda else None,
         measured_peak_tflops=measured_matmul_tflops(torch_device) if cuda and peak else None,
     )
 

@@ -66,6 +66,11 @@ class FeatureExtractor:
         Most tiles per forward pass; larger batches are split. Halved (and the
         batch retried) whenever the device runs out of memory, so a batch size
         too large for the GPU slows the first batch instead of failing the run.
+
+    Attributes
+    ----------
+    forward
+        The encoder's forward pass on a preprocessed batch (compiled when asked).
     """
 
     def __init__(
@@ -79,7 +84,7 @@ class FeatureExtractor:
         self.max_batch = max_batch
         # channels_last doubles CPU throughput of the convolutional encoders (oneDNN) and helps on GPU.
         self.encoder = encoder.to(device, memory_format=torch.channels_last).eval()
-        self._forward = torch.compile(self.encoder) if compile_encoder else self.encoder
+        self.forward = torch.compile(self.encoder) if compile_encoder else self.encoder
 
     def __call__(self, tiles_bhwc: torch.Tensor) -> np.ndarray:
         """Features (B, D) float32 for a uint8 (B, H, W, 3) batch."""
@@ -121,7 +126,7 @@ class FeatureExtractor:
             x = self.encoder.preprocess(x).contiguous(memory_format=torch.channels_last)
             # The encoder applies its own precision (autocast) on CUDA.
             if self.tta:
-                features = torch.stack([self._forward(view) for view in dihedral_views(x)]).mean(0)
+                features = torch.stack([self.forward(view) for view in dihedral_views(x)]).mean(0)
             else:
-                features = self._forward(x)
+                features = self.forward(x)
             return features.float().cpu().numpy()

@@ -27,7 +27,7 @@ def tiles():
 def _fails_above(extractor: FeatureExtractor, limit: int) -> list[int]:
     """Make the extractor's forward pass run out of memory above ``limit`` tiles; returns the batch sizes tried."""
     tried: list[int] = []
-    forward = extractor._forward
+    forward = extractor.forward
 
     def limited(x):
         tried.append(len(x))
@@ -35,7 +35,7 @@ def _fails_above(extractor: FeatureExtractor, limit: int) -> list[int]:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return forward(x)
 
-    extractor._forward = limited
+    extractor.forward = limited
     return tried
 
 
