@@ -329,10 +329,12 @@ def measure_embedding(config: PerfConfig, shared: Shared) -> PerfResult:
     gpu = r["device"].startswith("cuda")
     target = 0.8 if gpu else 0.9
     names = ", ".join(Path(p).name for p in config.embed_samples)
+    engine = f"{r['replicas']} process(es) x {r['threads']} thread(s)"
+    replicated = f", forward-only in {r['replicas']} replicas {_runs(r['forward_replicas'])}" if r["forward_replicas"] else ""
     detail = (
-        f"{r['n_tiles']:,} tiles of {r['n_samples']} section(s) ({names}), {r['encoder']} batch {r['batch_size']} on {r['device']}: "
-        f"pipeline {r['pipeline_median']:.1f} vs forward-only {r['forward_median']:.1f} tiles/s (medians of alternated runs: "
-        f"pipeline {_runs(r['pipeline'])}, forward-only {_runs(r['forward'])})"
+        f"{r['n_tiles']:,} tiles of {r['n_samples']} section(s) ({names}), {r['encoder']} batch {r['batch_size']} on {r['device']}, "
+        f"{engine}: pipeline {r['pipeline_median']:.1f} vs the faster forward-only {r['forward_median']:.1f} tiles/s "
+        f"(medians of alternated runs: pipeline {_runs(r['pipeline'])}, forward-only in one process {_runs(r['forward_single'])}{replicated})"
     )
     return _result("1", r["ratio"], r["ratio"] >= target, detail, target=f">= {target} ({'GPU' if gpu else 'CPU'})")
 

@@ -205,7 +205,7 @@ def tiny_model(directory: Path, tile_px: int, n_genes: int = 50, show_progress: 
         patient_id="P1",
         source=path,
     )
-    settings = EmbedSettings(tile=TileSpec(px=tile_px), batch_size=16)
+    settings = EmbedSettings(tile=TileSpec(px=tile_px), batch_size=16, cpu_replicas=1)
     (cache,) = embed_samples([sample], directory / "train-cache", settings, show_progress=show_progress)
     model = GenePredictor(head="ridge", target=TargetSpec("log1p", f"hvg:{n_genes}")).fit([cache], [sample])
     return model.save_pretrained(directory / "model")
@@ -332,7 +332,8 @@ def embed_slide(slide: Path, cache: Path, tile_px: int, options: dict) -> dict:
     """Embed the Visium-grid spots over the tissue of ``slide`` (default encoder); returns what was embedded.
 
     The spots are :func:`grid_sample`'s; ``options`` go to :class:`~virtualst.embed.runner.EmbedSettings`
-    (``device``, ``batch_size``, ``num_workers``) except ``show_progress``.
+    (``device``, ``batch_size``, ``num_workers``) except ``show_progress``. The encoder
+    runs in this one process (``cpu_replicas=1``), so its peak RSS is the whole run's.
     """
     from virtualst.embed.runner import EmbedSettings, embed_samples
     from virtualst.embed.tiling import TileSpec
@@ -340,7 +341,7 @@ def embed_slide(slide: Path, cache: Path, tile_px: int, options: dict) -> dict:
     options = dict(options)
     show = options.pop("show_progress", False)
     sample = grid_sample(slide)
-    settings = EmbedSettings(tile=TileSpec(px=tile_px), **options)
+    settings = EmbedSettings(tile=TileSpec(px=tile_px), cpu_replicas=1, **options)
     (path,) = embed_samples([sample], cache, settings, show_progress=show)
     return {"n_spots": int(sample.n_spots), "cache_mb": path.stat().st_size / 1e6}
 
@@ -416,7 +417,10 @@ def main(argv: list[str] | None = None) -> dict:
             in_child(tiny_model, work, args.tile_px, 50, show)
         out = work / "prediction"
         shutil.rmtree(out, ignore_errors=True)  # a cold run: no cache to reuse
-        options = {"device": args.device, "batch_size": args.batch_size, "num_workers": args.num_workers, "show_progress": show}
+        # One encoder process, so the child's peak RSS is the whole run's.
+        options = {
+            "device": args.device, "batch_size": args.batch_size, "num_workers": args.num_workers, "cpu_replicas": 1, "show_progress": show,
+        }
         run = in_child(predict, slide, model, out, options)
         report = {
             **run.pop("value"),

@@ -11,6 +11,12 @@ Before any tile is read, one worker plans every sample with
 first): bad input fails at once, and complete caches are never shipped to a
 worker. Samples then go out largest first to whichever worker is free.
 
+When there are more workers than samples, large samples are cut into
+batch-aligned shards (:mod:`virtualst.embed.shards`) that workers embed as
+their own resumable caches; the worker that finds a sample's last shard done
+merges them into the sample's cache. A sample with a partial cache from an
+earlier run resumes whole instead.
+
 Ray is optional: ``pip install 'virtualst[ray]'``.
 """
 
@@ -26,7 +32,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from virtualst.embed.runner import EmbedSettings, default_workers, embed_with, make_extractor, plan_job
+from virtualst.embed.runner import (
+    EmbedSettings,
+    default_batch_size,
+    default_workers,
+    embed_with,
+    make_extractor,
+    open_cache_writer,
+    plan_job,
+)
+from virtualst.embed.shards import MIN_SHARD_SPOTS, merge_shards, shard_ranges, shard_root, shard_sample, shard_size
 from virtualst.errors import InputError, MissingDependencyError, VirtualSTError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -49,11 +64,20 @@ def import_ray() -> Any:
 # ------------------------------------------------------------------------- the worker
 @dataclass
 class SampleOutcome:
-    """What one worker did for one sample."""
+    """What one worker did for one sample, or for one shard of it (``shard`` set)."""
 
     index: int
     path: Path
     tiles: int  # tiles encoded by this run (fewer than the spots when resumed)
+    shard: int | None = None
+
+
+@dataclass
+class Plan:
+    """What planning found: complete caches to reuse and partial ones to resume, by sample index."""
+
+    reused: dict[int, Path]
+    resumed: set[int]
 
 
 class _CountingExtractor:
@@ -98,17 +122,33 @@ class EmbedWorker:
         """Load the encoder now, while another worker plans."""
         self._get_extractor()
 
-    def plan(self, samples: list[Sample], cache_dir: str) -> dict[int, Path]:
-        """The complete caches to reuse, by sample index; raises the user error of the first bad sample."""
+    def plan(self, samples: list[Sample], cache_dir: str) -> Plan:
+        """Complete and partial caches, by sample index; raises the user error of the first bad sample."""
         extractor = self._get_extractor()
         planned = [plan_job(s, extractor.encoder, extractor.device, cache_dir, self.settings) for s in samples]
-        return {i: p for i, p in enumerate(planned) if isinstance(p, Path)}
+        return Plan(
+            reused={i: p for i, p in enumerate(planned) if isinstance(p, Path)},
+            resumed={i for i, p in enumerate(planned) if not isinstance(p, Path) and p.start},
+        )
 
-    def embed(self, index: int, sample: Sample, cache_dir: str) -> SampleOutcome:
-        """Embed one sample into the cache with the single-process runner."""
+    def embed(self, index: int, sample: Sample, cache_dir: str, shard: int | None = None) -> SampleOutcome:
+        """Embed one sample (or shard) into the cache with the single-process runner."""
         counting = _CountingExtractor(self._get_extractor())
         (path,) = embed_with(counting, [sample], cache_dir, self.settings)  # type: ignore[arg-type]
-        return SampleOutcome(index, path, counting.tiles)
+        return SampleOutcome(index, path, counting.tiles, shard)
+
+    def merge(self, index: int, sample: Sample, shard_paths: list[Path], cache_dir: str) -> SampleOutcome:
+        """Write a sample's cache from its finished shards, then delete them."""
+        import shutil
+
+        extractor = self._get_extractor()
+        job = plan_job(sample, extractor.encoder, extractor.device, cache_dir, self.settings)
+        if isinstance(job, Path):  # completed meanwhile (another run)
+            path = job
+        else:
+            path = merge_shards(open_cache_writer(job, extractor.encoder.dim, self.settings), sample.barcodes, shard_paths)
+        shutil.rmtree(shard_root(cache_dir, sample.sample_id), ignore_errors=True)
+        return SampleOutcome(index, path, 0)
 
 
 # ------------------------------------------------------------------- resource planning
@@ -158,7 +198,7 @@ def worker_resources(
 
 
 def worker_count(resources: WorkerResources, cluster: dict[str, float], n_samples: int, max_workers: int | None = None) -> int:
-    """How many workers fit in the cluster at once, no more than there are samples."""
+    """How many workers fit in the cluster at once, no more than ``n_samples`` (samples, or shards when sharding)."""
     slots = int(cluster.get("CPU", 0) // resources.cpus)
     if resources.gpus:
         slots = min(slots, int(cluster.get("GPU", 0) // resources.gpus))
@@ -255,6 +295,13 @@ def ray_get(ref: Any) -> Any:
         raise
 
 
+def most_tasks(samples: list[Sample], shard_spots: int | None) -> int:
+    """Most embedding tasks a run can have: one per sample, or per smallest shard when sharding."""
+    if shard_spots == 0:
+        return len(samples)
+    return max(len(samples), sum(s.n_spots for s in samples) // (shard_spots or MIN_SHARD_SPOTS))
+
+
 def start_workers(ray: Any, resources: WorkerResources, settings: EmbedSettings, n_workers: int) -> list[Any]:
     """Start ``n_workers`` actors; all but the first begin loading the encoder at once."""
     remote_settings = dataclasses.replace(settings, device=resources.device, num_workers=resources.num_workers)
@@ -266,46 +313,94 @@ def start_workers(ray: Any, resources: WorkerResources, settings: EmbedSettings,
     return actors
 
 
-def plan_reuse(planner: Any, samples: list[Sample], root: Path, overwrite: bool) -> dict[int, Path]:
-    """Check every sample on one worker before any work; return the complete caches to reuse, by index.
+def plan_reuse(planner: Any, samples: list[Sample], root: Path, overwrite: bool) -> Plan:
+    """Check every sample on one worker before any work: which caches to reuse, which to resume.
 
     With ``overwrite`` nothing is reused, and planning would delete caches:
     the runs themselves do that, as in a local run.
     """
     if overwrite:
-        return {}
+        return Plan(reused={}, resumed=set())
     return ray_get(planner.plan.remote(samples, str(root)))
 
 
-def dispatch(actors: list[Any], jobs: list[tuple[int, Sample]], root: Path) -> Iterator[SampleOutcome]:
-    """Send ``(index, sample)`` jobs to free actors, yielding each outcome as it arrives."""
+@dataclass
+class Task:
+    """One call for a free worker: ``method(*args)``; ``tiles`` advance the progress bar when it ends."""
+
+    method: str
+    args: tuple
+    tiles: int
+
+
+def embed_tasks(jobs: list[tuple[int, Sample]], root: Path, size: int, resumed: set[int]) -> tuple[list[Task], dict[int, int]]:
+    """Embedding tasks for ``jobs``, largest first: whole samples, or shards of ``size`` spots.
+
+    Returns the tasks and, for each sharded sample index, its number of shards.
+    """
+    tasks: list[Task] = []
+    shards: dict[int, int] = {}
+    for index, sample in jobs:
+        if not size or sample.n_spots <= size or index in resumed:  # a partial cache resumes whole
+            tasks.append(Task("embed", (index, sample, str(root)), sample.n_spots))
+            continue
+        ranges = shard_ranges(sample.n_spots, size)
+        shards[index] = len(ranges)
+        folder = str(shard_root(root, sample.sample_id))
+        for k, rows in enumerate(ranges):
+            tasks.append(Task("embed", (index, shard_sample(sample, rows, k, len(ranges)), folder, k), len(rows)))
+    return sorted(tasks, key=lambda task: -task.tiles), shards
+
+
+def dispatch(actors: list[Any], pending: deque[Task]) -> Iterator[tuple[SampleOutcome, Task]]:
+    """Send ``pending`` tasks to free actors, yielding each outcome as it arrives.
+
+    The caller may add tasks to ``pending`` between outcomes.
+    """
     import ray
 
-    pending, idle = deque(jobs), deque(actors)
-    running: dict[Any, Any] = {}
+    idle = deque(actors)
+    running: dict[Any, tuple[Any, Task]] = {}
     while pending or running:
         while pending and idle:
-            actor = idle.popleft()
-            index, sample = pending.popleft()
-            running[actor.embed.remote(index, sample, str(root))] = actor
+            actor, task = idle.popleft(), pending.popleft()
+            running[getattr(actor, task.method).remote(*task.args)] = (actor, task)
         (done,), _ = ray.wait(list(running), num_returns=1)
-        idle.append(running.pop(done))
-        yield ray_get(done)
+        actor, task = running.pop(done)
+        idle.append(actor)
+        yield ray_get(done), task
 
 
-def run_jobs(
-    actors: list[Any], jobs: list[tuple[int, Sample]], root: Path, total: int, done: int, desc: str, show_progress: bool
+def run_tasks(
+    actors: list[Any], tasks: list[Task], shards: dict[int, int], samples: list[Sample], root: Path,
+    total: int, done: int, desc: str, show_progress: bool,
 ) -> dict[int, SampleOutcome]:
-    """Run ``jobs`` under a tqdm bar over tiles (``done`` of ``total`` already cached); return outcomes by index."""
+    """Run ``tasks`` under a tqdm bar over tiles (``done`` of ``total`` already cached); return outcomes by sample index.
+
+    When the last shard of a sample finishes, its merge goes to the next free worker.
+    """
     from tqdm.auto import tqdm
 
-    n_spots = {i: s.n_spots for i, s in jobs}
     outcomes: dict[int, SampleOutcome] = {}
+    finished_shards: dict[int, dict[int, SampleOutcome]] = {}
+    pending = deque(tasks)
     with tqdm(total=total, initial=done, unit="tile", desc=desc, disable=not show_progress) as bar:
-        for outcome in dispatch(actors, jobs, root):
-            outcomes[outcome.index] = outcome
-            bar.update(n_spots[outcome.index])
+        for outcome, task in dispatch(actors, pending):
+            bar.update(task.tiles)
+            if outcome.shard is None:
+                outcomes[outcome.index] = dataclasses.replace(outcome, tiles=outcome.tiles + finished_tiles(finished_shards, outcome.index))
+                continue
+            parts = finished_shards.setdefault(outcome.index, {})
+            parts[outcome.shard] = outcome
+            if len(parts) == shards[outcome.index]:
+                paths = [parts[k].path for k in range(len(parts))]
+                pending.appendleft(Task("merge", (outcome.index, samples[outcome.index], paths, str(root)), 0))
     return outcomes
+
+
+def finished_tiles(finished_shards: dict[int, dict[int, SampleOutcome]], index: int) -> int:
+    """Tiles encoded for sample ``index`` by its shards (0 when it was not sharded)."""
+    return sum(part.tiles for part in finished_shards.get(index, {}).values())
 
 
 def embed_samples_ray(
@@ -317,6 +412,7 @@ def embed_samples_ray(
     cpus_per_task: float | None = None,
     max_workers: int | None = None,
     show_progress: bool = True,
+    shard_spots: int | None = None,
 ) -> RayEmbedReport:
     """Embed samples on a Ray cluster into the same caches as :func:`~virtualst.embed.runner.embed_samples`.
 
@@ -341,9 +437,13 @@ def embed_samples_ray(
         CPUs each worker reserves, also its torch threads (default 1; GPU
         workers: their share of the cluster's CPUs, at most 8).
     max_workers
-        Cap on the workers started (default: as many as fit, at most one per sample).
+        Cap on the workers started (default: as many as fit, at most one per sample or shard).
     show_progress
-        Draw a tqdm bar over tiles, advanced as samples finish.
+        Draw a tqdm bar over tiles, advanced as samples (or shards) finish.
+    shard_spots
+        Spots per shard of a large sample, rounded up to whole batches:
+        ``None`` shards only when there are more workers than samples
+        (equal shares, at least 1,024 spots), ``0`` never.
 
     Returns
     -------
@@ -359,6 +459,8 @@ def embed_samples_ray(
         settings, unknown encoder...): one planning step on the first worker
         checks every sample before any tile is embedded.
     """
+    import torch
+
     ray = import_ray()
     began = time.perf_counter()
     settings = settings or EmbedSettings()
@@ -373,15 +475,22 @@ def embed_samples_ray(
     try:
         cluster = ray.cluster_resources()
         resources = worker_resources(settings, cluster, gpus_per_task, cpus_per_task)
-        actors = start_workers(ray, resources, settings, worker_count(resources, cluster, len(samples), max_workers))
-        reused = plan_reuse(actors[0], shipped, root, settings.overwrite)
-        jobs = sorted(((i, s) for i, s in enumerate(shipped) if i not in reused), key=lambda job: -job[1].n_spots)  # largest first
-        for actor in actors[max(1, len(jobs)) :]:
-            ray.kill(actor)  # more workers than samples left to embed
-        actors = actors[: max(1, len(jobs))]
+        actors = start_workers(ray, resources, settings, worker_count(resources, cluster, most_tasks(samples, shard_spots), max_workers))
+        plan = plan_reuse(actors[0], shipped, root, settings.overwrite)
+        reused = plan.reused
+        jobs = [(i, s) for i, s in enumerate(shipped) if i not in reused]
+        if shard_spots is None and len(jobs) >= len(actors):
+            size = 0  # enough samples to keep every worker busy
+        else:
+            batch = settings.batch_size or default_batch_size(torch.device(resources.device))
+            size = shard_size(sum(s.n_spots for _, s in jobs), len(actors), batch, shard_spots)
+        tasks, shards = embed_tasks(jobs, root, size, plan.resumed)
+        for actor in actors[max(1, len(tasks)) :]:
+            ray.kill(actor)  # more workers than samples (or shards) left to embed
+        actors = actors[: max(1, len(tasks))]
         total, done = sum(s.n_spots for s in samples), sum(samples[i].n_spots for i in reused)
         desc = f"embed {settings.encoder} on {len(actors)} Ray workers"
-        outcomes = run_jobs(actors, jobs, root, total, done, desc, show_progress)
+        outcomes = run_tasks(actors, tasks, shards, shipped, root, total, done, desc, show_progress)
     finally:
         for actor in actors:
             ray.kill(actor)  # frees GPU memory; an unfinished sample stays .partial and resumes next time

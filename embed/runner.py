@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import os
 import platform
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,6 +34,7 @@ from virtualst.embed.cache import (
 from virtualst.embed.extractor import FeatureExtractor
 from virtualst.embed.images import RESAMPLE
 from virtualst.embed.loader import TileBatches, iter_tile_batches
+from virtualst.embed.replicas import EncoderReplicas, plan_replicas
 from virtualst.embed.tiling import TileGeometry, TileSpec, edge_flags, tile_geometry
 from virtualst.errors import InputError
 
@@ -72,6 +74,10 @@ class EmbedSettings:
         Recompute even when a complete cache with the same settings exists.
     compile_encoder
         Run the encoder through ``torch.compile``.
+    cpu_replicas
+        Encoder processes sharing the cores of a CPU run
+        (:mod:`virtualst.embed.replicas`); ``None`` chooses (one per core, up
+        to 4, for runs of 1,024 tiles or more), ``1`` keeps one process.
     """
 
     encoder: str = "efficientnet_lite0"
@@ -84,6 +90,7 @@ class EmbedSettings:
     weights: str | None = None
     overwrite: bool = False
     compile_encoder: bool = False
+    cpu_replicas: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form, saved beside outputs."""
@@ -121,11 +128,31 @@ def make_extractor(settings: EmbedSettings) -> FeatureExtractor:
     return FeatureExtractor(encoder, resolve_device(settings.device), tta=settings.tta, compile_encoder=settings.compile_encoder)
 
 
+@contextmanager
+def open_engine(settings: EmbedSettings, n_tiles: int) -> Iterator[FeatureExtractor | EncoderReplicas]:
+    """The encoder ready to embed ``n_tiles`` tiles: one extractor, or CPU replicas when they pay.
+
+    The encoder is loaded here first (its size caps the replicas, and a
+    missing model fails before any process starts), then released if
+    replicas take over.
+    """
+    extractor = make_extractor(settings)
+    weight_bytes = sum(t.numel() * t.element_size() for t in extractor.encoder.state_dict().values())
+    plan = plan_replicas(extractor.device, n_tiles, weight_bytes, settings.cpu_replicas)
+    if plan.replicas == 1:
+        yield extractor
+        return
+    del extractor
+    with EncoderReplicas(settings, plan) as replicas:
+        yield replicas
+
+
 def default_workers(device: torch.device) -> int:
     """Tile-reading processes: enough to feed a GPU; none on CPU.
 
-    On CPU the encoder already keeps every core busy, and a reading process
-    competing with its threads measured slower (ratio 0.78 vs 0.88 to the
+    On CPU reading happens in the encoding process (or in each replica,
+    :mod:`virtualst.embed.replicas`): a separate reading process competing
+    with the encoder's threads measured slower (ratio 0.78 vs 0.88 to the
     forward pass alone, ``python -m virtualst.bench.embed_throughput``).
     """
     cores = os.cpu_count() or 1
@@ -230,8 +257,24 @@ def plan_cache(path: Path, attrs: dict[str, Any], n: int, dim: int, overwrite: b
     return resume_point(path, attrs["fingerprint"], n, dim)
 
 
+def encoded_batches(
+    engine: FeatureExtractor | EncoderReplicas, dataset: TileBatches, settings: EmbedSettings
+) -> Iterator[tuple[int, int, np.ndarray]]:
+    """``(job, first_row, features)`` for every batch of ``dataset``, in order.
+
+    Replicas read and encode in their own processes; one extractor reads
+    through a DataLoader with the settings' workers.
+    """
+    if isinstance(engine, EncoderReplicas):
+        yield from engine.encode(dataset)
+        return
+    workers = settings.num_workers if settings.num_workers is not None else default_workers(engine.device)
+    for j, first, tiles in iter_tile_batches(dataset, min(workers, len(dataset)), engine.device.type == "cuda"):
+        yield j, first, engine(tiles)
+
+
 def stream_to_caches(
-    extractor: FeatureExtractor,
+    extractor: FeatureExtractor | EncoderReplicas,
     dataset: Any,
     open_writer: Callable[[int], CacheWriter],
     finished: Iterable[int],
@@ -240,8 +283,7 @@ def stream_to_caches(
 ) -> None:
     """Encode the ``(job, first_row, tiles)`` batches of ``dataset`` into each job's cache, batch by batch.
 
-    Batches are read through a DataLoader with the settings' workers;
-    ``open_writer(job)`` opens a job's cache on first use (so only files
+    Batches come from :func:`encoded_batches`; ``open_writer(job)`` opens a job's cache on first use (so only files
     being written are held open); ``finished`` lists resumed jobs whose rows
     were all written before an interruption, finalised first. Unfinished
     files stay ``.partial`` for the next run.
@@ -253,17 +295,14 @@ def stream_to_caches(
             writers[j] = open_writer(j)
         return writers[j]
 
-    device = extractor.device
-    workers = settings.num_workers if settings.num_workers is not None else default_workers(device)
-    batches = iter_tile_batches(dataset, min(workers, len(dataset)), device.type == "cuda")
     try:
         for j in finished:
             writer(j).finalize()
-        for j, first, tiles in batches:
+        for j, first, features in encoded_batches(extractor, dataset, settings):
             out = writer(j)
-            out.write(first, extractor(tiles).astype(settings.storage_dtype, copy=False))
+            out.write(first, features.astype(settings.storage_dtype, copy=False))
             if progress:
-                progress(len(tiles))
+                progress(len(features))
             if out.n_done == out.n:
                 out.finalize()
     finally:
@@ -288,8 +327,16 @@ def plan_job(sample: Sample, encoder: Encoder | EncoderIdentity, device: torch.d
     return EmbedJob(sample=sample, path=path, geometry=geometry, attrs=attrs, start=start)
 
 
+def open_cache_writer(job: EmbedJob, dim: int, settings: EmbedSettings) -> CacheWriter:
+    """The (new or resumed) cache file of ``job``, with its spots, coordinates, edge flags and provenance."""
+    edge = edge_flags(job.sample, settings.tile)
+    return CacheWriter(
+        job.path, job.sample.barcodes, job.geometry.top_left, dim, job.attrs, settings.storage_dtype, extra={"edge": edge}
+    )
+
+
 def embed_with(
-    extractor: FeatureExtractor,
+    extractor: FeatureExtractor | EncoderReplicas,
     samples: Iterable[Sample],
     cache_dir: str | Path,
     settings: EmbedSettings,
@@ -310,14 +357,9 @@ def embed_with(
         progress(sum(s.n_spots for s, p in zip(samples, planned) if isinstance(p, Path)))
 
     def open_writer(j: int) -> CacheWriter:
-        job = jobs[j]
-        if progress and job.start:
-            progress(job.start)
-        edge = edge_flags(job.sample, settings.tile)
-        return CacheWriter(
-            job.path, job.sample.barcodes, job.geometry.top_left, encoder.dim, job.attrs,
-            settings.storage_dtype, extra={"edge": edge},
-        )
+        if progress and jobs[j].start:
+            progress(jobs[j].start)
+        return open_cache_writer(jobs[j], encoder.dim, settings)
 
     dataset = TileBatches(jobs, settings.batch_size or default_batch_size(device))
     finished = [j for j, job in enumerate(jobs) if job.start == job.sample.n_spots]
@@ -369,7 +411,8 @@ def embed_samples(
     reused = reuse_complete_caches(samples, cache_dir, settings)
     if reused is not None:
         return reused
-    extractor = make_extractor(settings)
     total = sum(s.n_spots for s in samples)
-    with tqdm(total=total, unit="tile", desc=f"embed {extractor.encoder.config.name}", disable=not show_progress) as bar:
-        return embed_with(extractor, samples, cache_dir, settings, progress=bar.update)
+    with open_engine(settings, total) as engine, tqdm(
+        total=total, unit="tile", desc=f"embed {engine.encoder.config.name}", disable=not show_progress
+    ) as bar:
+        return embed_with(engine, samples, cache_dir, settings, progress=bar.update)

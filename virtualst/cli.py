@@ -81,6 +81,9 @@ def embed(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Recompute existing caches.")] = False,
     all_spots: Annotated[bool, typer.Option("--all-spots", help="Also embed spots outside the tissue (default: in-tissue only).")] = False,
     compile_encoder: Annotated[bool, typer.Option("--compile", help="torch.compile the encoder (long GPU runs).")] = False,
+    cpu_replicas: Annotated[
+        Optional[int], typer.Option(min=1, help="Encoder processes sharing the cores on CPU (default: auto, up to 4; 1 = one process).")
+    ] = None,
     ray: Annotated[bool, typer.Option("--ray", help="Distribute samples over Ray (a local instance unless --ray-address).")] = False,
     ray_address: Annotated[
         Optional[str], typer.Option(help="Ray cluster to join (auto, host:port, ray://host:10001); implies --ray.")
@@ -91,6 +94,10 @@ def embed(
     ray_cpus_per_task: Annotated[
         Optional[float], typer.Option(min=0, help="CPUs (torch threads) per Ray worker (default: 1; GPU workers their share, up to 8).")
     ] = None,
+    ray_shard_spots: Annotated[
+        Optional[int],
+        typer.Option(min=0, help="Spots per shard of a large sample over Ray (default: only when workers outnumber samples; 0: never)."),
+    ] = None,
 ) -> None:
     """Embed the spot tiles of samples into the HDF5 cache (resumable), locally or over Ray."""
     from virtualst.embed.readers import read_all
@@ -98,8 +105,8 @@ def embed(
     from virtualst.embed.tiling import TileSpec
 
     use_ray = ray or ray_address is not None
-    if not use_ray and (ray_gpus_per_task is not None or ray_cpus_per_task is not None):
-        raise VirtualSTError("--ray-gpus-per-task and --ray-cpus-per-task need --ray")
+    if not use_ray and (ray_gpus_per_task is not None or ray_cpus_per_task is not None or ray_shard_spots is not None):
+        raise VirtualSTError("--ray-gpus-per-task, --ray-cpus-per-task and --ray-shard-spots need --ray")
     if use_ray:
         from virtualst.embed.distributed import embed_samples_ray, import_ray
 
@@ -117,13 +124,15 @@ def embed(
         weights=weights,
         overwrite=overwrite,
         compile_encoder=compile_encoder,
+        cpu_replicas=cpu_replicas,
     )
     loaded = [sample for path in samples for sample in read_all(path)]
     if not all_spots:
         loaded = [sample.in_tissue() for sample in loaded]
     if use_ray:
         report = embed_samples_ray(
-            loaded, cache, settings, ray_address, ray_gpus_per_task, ray_cpus_per_task, show_progress=sys.stderr.isatty()
+            loaded, cache, settings, ray_address, ray_gpus_per_task, ray_cpus_per_task,
+            show_progress=sys.stderr.isatty(), shard_spots=ray_shard_spots,
         )
         paths = report.paths
         typer.echo(report.summary(), err=True)  # stdout stays the list of caches

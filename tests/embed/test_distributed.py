@@ -19,6 +19,7 @@ from virtualst.cli import app
 from virtualst.embed.cache import partial_path, read_embeddings
 from virtualst.embed.distributed import embed_samples_ray, worker_count, worker_resources
 from virtualst.embed.runner import EmbedSettings, embed_samples
+from virtualst.embed.shards import shard_root, shard_sample
 from virtualst.embed.tiling import TileSpec
 from virtualst.errors import InputError, MissingDependencyError, VirtualSTError
 
@@ -174,7 +175,7 @@ def test_missing_ray_names_the_extra(samples, tmp_path, monkeypatch):
 
 
 def test_ray_options_need_ray(tmp_path):
-    result = CliRunner().invoke(app, ["embed", str(tmp_path), "--ray-gpus-per-task", "1"])
+    result = CliRunner().invoke(app, ["embed", str(tmp_path), "--ray-shard-spots", "100"])
     assert result.exit_code == 2 and "need --ray" in result.output, result.output
 
 
@@ -195,3 +196,25 @@ def test_worker_resources_follow_the_device_and_the_cluster():
         worker_resources(EmbedSettings(device="cuda"), cpu_cluster)
     with pytest.raises(VirtualSTError, match="cannot host"):
         worker_count(worker_resources(auto, cpu_cluster, cpus_per_task=32), cpu_cluster, n_samples=1)
+
+
+@pytest.mark.ray
+def test_a_large_sample_is_sharded_over_the_workers_and_merged(ray_cluster, samples, reference, tmp_path):
+    big = samples[2]  # 16 tiles: four shards of one batch
+    report = embed_samples_ray([big], tmp_path, SETTINGS, shard_spots=4, show_progress=False)
+    final = tmp_path / "efficientnet_lite0" / "s2.h5"
+    assert report.paths == [final]
+    assert (report.embedded, report.tiles, report.workers) == (1, 16, 2)
+    assert_same_cache(final, reference[2])  # batch-aligned shards: the features of a whole-sample run, bit for bit
+    assert not shard_root(tmp_path, "s2").exists(), "shards are deleted once merged"
+
+
+@pytest.mark.ray
+def test_finished_shards_are_reused_when_a_sharded_run_is_repeated(ray_cluster, samples, reference, tmp_path):
+    big = samples[2]
+    second = shard_sample(big, range(4, 8), 1, 4)  # as a killed run would have left it
+    with one_thread():
+        embed_samples([second], shard_root(tmp_path, "s2"), SETTINGS, show_progress=False)
+    report = embed_samples_ray([big], tmp_path, SETTINGS, shard_spots=4, show_progress=False)
+    assert report.tiles == 12, "the finished shard is not encoded again"
+    assert_same_cache(report.paths[0], reference[2])

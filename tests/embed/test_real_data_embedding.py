@@ -19,7 +19,7 @@ def real_samples(her2st_dir, mob_dir):
 
 @pytest.mark.realdata
 def test_embed_real_sections_with_resume(real_samples, tmp_path, monkeypatch):
-    settings = EmbedSettings(batch_size=64)
+    settings = EmbedSettings(batch_size=64, cpu_replicas=1)  # one process: the interruption below counts its batches
     cache = tmp_path / "cache"
 
     # Interrupt the first run part-way through the third section.

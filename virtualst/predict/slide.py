@@ -172,6 +172,7 @@ def embed_settings_for(
     num_workers: int | None = None,
     weights: str | None = None,
     overwrite: bool = False,
+    cpu_replicas: int | None = None,
 ) -> EmbedSettings:
     """Embedding settings reproducing the model's encoder and tiles (``predict`` refuses any other)."""
     from virtualst.embed.runner import EmbedSettings
@@ -187,6 +188,7 @@ def embed_settings_for(
         tta=bool(encoder.get("tta", False)),
         weights=weights,
         overwrite=overwrite,
+        cpu_replicas=cpu_replicas,
     )
 
 
@@ -297,6 +299,7 @@ def predict_slide(
     device: str = "auto",
     batch_size: int | None = None,
     num_workers: int | None = None,
+    cpu_replicas: int | None = None,
     weights: str | None = None,
     overwrite: bool = False,
     tissue_max_px: int = 2048,
@@ -339,6 +342,9 @@ def predict_slide(
         Tiles per forward pass (default 16 on CPU, 256 on CUDA, halved on out-of-memory).
     num_workers
         Tile-reading processes (default: none on CPU, one per core up to 8 on CUDA).
+    cpu_replicas
+        Encoder processes sharing the cores on CPU (default: chosen, see
+        :class:`~virtualst.embed.runner.EmbedSettings`).
     weights
         Local encoder weights replacing the configured source (they must be
         the weights the model was trained with).
@@ -388,7 +394,7 @@ def predict_slide(
         info = {"grid": spot_grid.kind, "pitch_um": spot_grid.pitch_um, "mpp": um_per_px, "mpp_source": source}
     resolved.update(info, sample_id=sample.sample_id, n_spots=sample.n_spots, spot_diameter_um=float(sample.spot_diameter_um))
 
-    settings = embed_settings_for(predictor, device, batch_size, num_workers, weights, overwrite)
+    settings = embed_settings_for(predictor, device, batch_size, num_workers, weights, overwrite, cpu_replicas)
     resolved["embedding"] = settings.to_dict()
     out_dir.mkdir(parents=True, exist_ok=True)
     (cache,) = embed_samples([sample], out_dir / "cache" if cache_dir is None else cache_dir, settings, show_progress=show_progress)
