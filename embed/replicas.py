@@ -9,9 +9,10 @@ cache, in order, so resume and completion work as in one process. Measured
 on 2 cores with EfficientNet-Lite0 (``python -m virtualst.bench.embed_throughput``):
 see README "Performance".
 
-Replicas start from a fork server (a fresh process: forking after OpenMP
-has run hangs GNU OpenMP) and each loads the encoder, so memory holds ``R``
-copies of the weights; :func:`plan_replicas` caps ``R`` to fit.
+Each replica loads the encoder, so memory holds ``R`` copies of the
+weights; :func:`plan_replicas` caps ``R`` to fit. Single-threaded replicas
+are forked; multi-threaded ones start from a fork server, because GNU OpenMP
+hangs in a forked child that runs parallel regions after its parent did.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import pickle
-import uuid
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -143,8 +143,6 @@ class ChunkQueue:
                 current = max(self.chunks, key=lambda job: len(self.chunks[job]))
             else:
                 return None
-        elif current in self.untouched:
-            self.untouched.remove(current)
         return current, self.chunks[current].popleft()
 
 
@@ -195,13 +193,13 @@ def _identity() -> EncoderIdentity:
     return EncoderIdentity(encoder.config, encoder.provenance)
 
 
-def _encode_chunk(token: str, payload: bytes, indices: list[int]) -> list[tuple[int, int, np.ndarray]]:
-    """Encode items of a dataset; the dataset is unpickled once per replica and run."""
+def _encode_chunk(payload: bytes | None, indices: list[int]) -> list[tuple[int, int, np.ndarray]]:
+    """Encode items of a dataset; the dataset comes (pickled) with a replica's first chunk of a run."""
     import torch
 
-    if _replica.get("token") != token:
+    if payload is not None:
         _replica.pop("dataset", None)  # releases the previous run's open image
-        _replica["dataset"], _replica["token"] = pickle.loads(payload), token
+        _replica["dataset"] = pickle.loads(payload)
     dataset, extractor = _replica["dataset"], _replica["extractor"]
     out = []
     for index in indices:
@@ -275,18 +273,22 @@ class EncoderReplicas:
         :class:`~virtualst.embed.loader.TileBatches`); replicas read the tiles.
         Jobs interleave: several are written at once.
         """
-        payload, token = pickle.dumps(dataset), uuid.uuid4().hex
+        payload = pickle.dumps(dataset)
         chunks = chunk_items(dataset)
         queue = ChunkQueue(chunks)
         in_order = InOrder({job: int(dataset.items[runs[0][0]][1][0]) for job, runs in chunks.items()})
         running: dict[Future, int] = {}
         last_job: list[int | None] = [None] * len(self._replicas)  # of the chunk each replica got last
+        has_dataset: set[int] = set()
 
         def dispatch(replica: int) -> None:
             task = queue.take(last_job[replica])
             if task is not None:
                 last_job[replica], chunk = task
-                running[self._replicas[replica].submit(_encode_chunk, token, payload, chunk)] = replica
+                # A replica runs its chunks in order: only the first carries the dataset.
+                sent = None if replica in has_dataset else payload
+                has_dataset.add(replica)
+                running[self._replicas[replica].submit(_encode_chunk, sent, chunk)] = replica
 
         try:
             with self._replica_failures():
