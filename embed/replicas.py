@@ -11,8 +11,7 @@ see README "Performance".
 
 Each replica loads the encoder, so memory holds ``R`` copies of the
 weights; :func:`plan_replicas` caps ``R`` to fit. Single-threaded replicas
-are forked; multi-threaded ones start from a fork server, because GNU OpenMP
-hangs in a forked child that runs parallel regions after its parent did.
+are forked on Linux; others start from a fork server (see :func:`_context`).
 """
 
 from __future__ import annotations
@@ -20,6 +19,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import pickle
+import sys
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -210,11 +210,12 @@ def _encode_chunk(payload: bytes | None, indices: list[int]) -> list[tuple[int, 
 
 # ----------------------------------------------------------------------- the parent
 def _context(threads: int):
-    """Fork when replicas are single-threaded (fast, no re-import of a script's main
+    """Fork single-threaded replicas on Linux (fast, no re-import of a script's main
     module); otherwise a fork server: GNU OpenMP hangs in a forked child that
-    runs parallel regions after its parent did."""
+    runs parallel regions after its parent did, and macOS frameworks do not
+    survive a fork."""
     methods = multiprocessing.get_all_start_methods()
-    if threads == 1 and "fork" in methods:
+    if threads == 1 and sys.platform.startswith("linux"):
         return multiprocessing.get_context("fork")
     return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
 

@@ -61,7 +61,7 @@ class EmbedSettings:
     num_workers
         DataLoader worker processes reading tiles; ``None`` picks one per
         core (up to 8) on CUDA and none on CPU, where the encoder already
-        uses every core.
+        uses every core. CPU replicas read their own tiles and ignore it.
     device
         ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
     tta
