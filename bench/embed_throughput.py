@@ -26,7 +26,7 @@ import numpy as np
 
 from virtualst.bench.timing import cpu_model
 from virtualst.embed.readers import read_all
-from virtualst.embed.replicas import EncoderReplicas, plan_replicas
+from virtualst.embed.replicas import EncoderReplicas, plan_replicas, weight_bytes
 from virtualst.embed.runner import (
     EmbedSettings,
     FeatureExtractor,
@@ -128,6 +128,8 @@ def measure(
         ``replicas`` and ``threads`` (the pipeline's engine), ``n_tiles``,
         ``n_samples``, ``batch_size``, ``device`` and ``encoder``.
     """
+    import torch
+
     from virtualst.embed.encoders import load_encoder
 
     paths = [Path(p) for p in paths]
@@ -138,8 +140,7 @@ def measure(
         sample.image.close()
     extractor = FeatureExtractor(load_encoder(encoder), resolve_device(device))
     batch = batch_size or default_batch_size(extractor.device)
-    weight_bytes = sum(t.numel() * t.element_size() for t in extractor.encoder.state_dict().values())
-    plan = plan_replicas(extractor.device, len(tiles), weight_bytes, cpu_replicas)
+    plan = plan_replicas(extractor.device, len(tiles), weight_bytes(extractor.encoder), cpu_replicas)
 
     single, replicated, pipeline = [], [], []
     with tempfile.TemporaryDirectory() as scratch:
@@ -165,20 +166,13 @@ def measure(
         "pipeline_median": pipeline_median,
         "ratio": pipeline_median / forward_median,
         "replicas": plan.replicas,
-        "threads": plan.threads if plan.replicas > 1 else torch_threads(),
+        "threads": plan.threads if plan.replicas > 1 else torch.get_num_threads(),
         "n_tiles": len(tiles),
         "n_samples": len(samples),
         "batch_size": batch,
         "device": str(extractor.device),
         "encoder": encoder,
     }
-
-
-def torch_threads() -> int:
-    """Intra-op threads of this process."""
-    import torch
-
-    return torch.get_num_threads()
 
 
 def main(argv: list[str] | None = None) -> dict:

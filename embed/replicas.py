@@ -59,6 +59,11 @@ class ReplicaPlan:
     threads: int
 
 
+def weight_bytes(module: torch.nn.Module) -> int:
+    """Bytes of a module's parameters and buffers (what each replica holds a copy of)."""
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+
+
 def physical_memory_bytes() -> int | None:
     """Total RAM, or ``None`` where ``sysconf`` cannot tell."""
     try:
@@ -70,7 +75,7 @@ def physical_memory_bytes() -> int | None:
 def plan_replicas(
     device: torch.device,
     n_tiles: int,
-    weight_bytes: int,
+    encoder_bytes: int,
     requested: int | None = None,
     cores: int | None = None,
     memory_bytes: int | None = None,
@@ -83,7 +88,7 @@ def plan_replicas(
         Replicas are for CPU runs; any other device gets one process.
     n_tiles
         Tiles to embed; short runs are not worth the replicas' start-up.
-    weight_bytes
+    encoder_bytes
         Size of the encoder's weights (each replica holds a copy).
     requested
         ``EmbedSettings.cpu_replicas``: ``None`` chooses, a number is obeyed
@@ -101,8 +106,8 @@ def plan_replicas(
     else:
         replicas = min(cores, MAX_AUTO_REPLICAS)
         memory_bytes = memory_bytes if memory_bytes is not None else physical_memory_bytes()
-        if memory_bytes and weight_bytes:
-            replicas = max(1, min(replicas, int(WEIGHT_MEMORY_SHARE * memory_bytes // weight_bytes)))
+        if memory_bytes and encoder_bytes:
+            replicas = max(1, min(replicas, int(WEIGHT_MEMORY_SHARE * memory_bytes // encoder_bytes)))
     return ReplicaPlan(replicas, max(1, cores // replicas))
 
 

@@ -34,7 +34,7 @@ from virtualst.embed.cache import (
 from virtualst.embed.extractor import FeatureExtractor
 from virtualst.embed.images import RESAMPLE
 from virtualst.embed.loader import TileBatches, iter_tile_batches
-from virtualst.embed.replicas import EncoderReplicas, plan_replicas
+from virtualst.embed.replicas import EncoderReplicas, plan_replicas, weight_bytes
 from virtualst.embed.tiling import TileGeometry, TileSpec, edge_flags, tile_geometry
 from virtualst.errors import InputError
 
@@ -137,8 +137,7 @@ def open_engine(settings: EmbedSettings, n_tiles: int) -> Iterator[FeatureExtrac
     replicas take over.
     """
     extractor = make_extractor(settings)
-    weight_bytes = sum(t.numel() * t.element_size() for t in extractor.encoder.state_dict().values())
-    plan = plan_replicas(extractor.device, n_tiles, weight_bytes, settings.cpu_replicas)
+    plan = plan_replicas(extractor.device, n_tiles, weight_bytes(extractor.encoder), settings.cpu_replicas)
     if plan.replicas == 1:
         yield extractor
         return

@@ -18,6 +18,7 @@ from virtualst.embed.replicas import (
     ReplicaPlan,
     chunk_items,
     plan_replicas,
+    weight_bytes,
 )
 from virtualst.embed.runner import EmbedSettings, FeatureExtractor, embed_samples, embed_with
 from virtualst.errors import EncoderError, InputError
@@ -43,6 +44,12 @@ def test_plan_caps_replicas_by_memory_and_obeys_a_request():
     assert plan_replicas(CPU, 10, GB, requested=3, cores=16) == ReplicaPlan(3, 5), "a request holds even for short runs"
     assert plan_replicas(CPU, 10**5, GB, requested=64, cores=8) == ReplicaPlan(8, 1), "capped at the cores"
     assert plan_replicas(CPU, 10**5, GB, requested=1, cores=8) == ReplicaPlan(1, 8)
+
+
+def test_weight_bytes_counts_parameters_and_buffers():
+    module = torch.nn.Sequential(torch.nn.Linear(10, 5), torch.nn.BatchNorm1d(5))
+    # Linear 50 + 5, BatchNorm weight/bias/mean/var 4 x 5 in float32, plus its int64 batch counter.
+    assert weight_bytes(module) == (55 + 20) * 4 + 8
 
 
 # ----------------------------------------------------------------------- scheduling
