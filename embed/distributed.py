@@ -22,6 +22,7 @@ Ray is optional: ``pip install 'virtualst[ray]'``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -41,7 +42,7 @@ from virtualst.embed.runner import (
     open_cache_writer,
     plan_job,
 )
-from virtualst.embed.shards import MIN_SHARD_SPOTS, merge_shards, shard_ranges, shard_root, shard_sample, shard_size
+from virtualst.embed.shards import MIN_SHARD_SPOTS, SHARD_DIR, merge_shards, shard_ranges, shard_root, shard_sample, shard_size
 from virtualst.errors import InputError, MissingDependencyError, VirtualSTError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -491,6 +492,8 @@ def embed_samples_ray(
         total, done = sum(s.n_spots for s in samples), sum(samples[i].n_spots for i in reused)
         desc = f"embed {settings.encoder} on {len(actors)} Ray workers"
         outcomes = run_tasks(actors, tasks, shards, shipped, root, total, done, desc, show_progress)
+        with contextlib.suppress(OSError):
+            (root / SHARD_DIR).rmdir()  # every merge removed its own folder; this run left no shard behind
     finally:
         for actor in actors:
             ray.kill(actor)  # frees GPU memory; an unfinished sample stays .partial and resumes next time
