@@ -47,7 +47,7 @@ def shard_size(spots: int, workers: int, batch: int, requested: int | None = Non
         (the caller decides that); ``0`` never shards; ``N`` is rounded up to
         a multiple of ``batch``.
     """
-    if requested == 0 or workers < 2 and requested is None:
+    if requested == 0 or (requested is None and workers < 2):
         return 0
     size = requested if requested is not None else max(MIN_SHARD_SPOTS, math.ceil(spots / workers))
     return math.ceil(size / batch) * batch
