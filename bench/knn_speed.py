@@ -30,7 +30,7 @@ import faiss
 import numpy as np
 from sklearn.neighbors import NearestNeighbors
 
-from virtualst.bench.timing import best_time, cpu_model
+from virtualst.bench.timing import best_time, cpu_model, load_average
 from virtualst.heads.knn import KNNHead
 
 SKLEARN_METRIC = {"cosine": "cosine", "l2": "euclidean"}
@@ -92,7 +92,7 @@ def machine() -> str:
     except ImportError:
         pass
     threads = f"faiss {faiss.__version__} OpenMP x{faiss.omp_get_max_threads()}; BLAS: {blas}"
-    return f"{cpu_model()}; {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; {threads}"
+    return f"{cpu_model()}; {os.cpu_count()} CPUs, {load_average()}; {threads}"
 
 
 def measure(

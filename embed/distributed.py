@@ -27,7 +27,7 @@ import copy
 import dataclasses
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -383,25 +383,22 @@ def run_tasks(
     from tqdm.auto import tqdm
 
     outcomes: dict[int, SampleOutcome] = {}
-    finished_shards: dict[int, dict[int, SampleOutcome]] = {}
+    encoded: Counter[int] = Counter()  # tiles per sample, its shards' included
+    shard_paths: dict[int, dict[int, Path]] = {}
     pending = deque(tasks)
     with tqdm(total=total, initial=done, unit="tile", desc=desc, disable=not show_progress) as bar:
         for outcome, task in dispatch(actors, pending):
             bar.update(task.tiles)
-            if outcome.shard is None:
-                outcomes[outcome.index] = dataclasses.replace(outcome, tiles=outcome.tiles + finished_tiles(finished_shards, outcome.index))
+            encoded[outcome.index] += outcome.tiles
+            if outcome.shard is None:  # a whole sample, or a merge
+                outcomes[outcome.index] = dataclasses.replace(outcome, tiles=encoded[outcome.index])
                 continue
-            parts = finished_shards.setdefault(outcome.index, {})
-            parts[outcome.shard] = outcome
+            parts = shard_paths.setdefault(outcome.index, {})
+            parts[outcome.shard] = outcome.path
             if len(parts) == shards[outcome.index]:
-                paths = [parts[k].path for k in range(len(parts))]
-                pending.appendleft(Task("merge", (outcome.index, samples[outcome.index], paths, str(root)), 0))
+                ordered = [parts[k] for k in range(len(parts))]
+                pending.appendleft(Task("merge", (outcome.index, samples[outcome.index], ordered, str(root)), 0))
     return outcomes
-
-
-def finished_tiles(finished_shards: dict[int, dict[int, SampleOutcome]], index: int) -> int:
-    """Tiles encoded for sample ``index`` by its shards (0 when it was not sharded)."""
-    return sum(part.tiles for part in finished_shards.get(index, {}).values())
 
 
 def embed_samples_ray(

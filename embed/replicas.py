@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -249,14 +249,12 @@ class EncoderReplicas:
     """
 
     def __init__(self, settings: EmbedSettings, plan: ReplicaPlan) -> None:
-        import dataclasses
-
         import torch
 
         self.plan = plan
         self.device = torch.device("cpu")
         self.name = settings.encoder
-        settings = dataclasses.replace(settings, device="cpu")
+        settings = replace(settings, device="cpu")
         context = _context(plan.threads)
         # One single-process executor per replica, so chunks can be routed to the replica that has their image open.
         self._replicas = [
@@ -280,9 +278,11 @@ class EncoderReplicas:
         Jobs interleave: several are written at once.
         """
         payload = pickle.dumps(dataset)
-        chunks = chunk_items(dataset)
-        queue = ChunkQueue(chunks)
-        in_order = InOrder({job: int(dataset.items[runs[0][0]][1][0]) for job, runs in chunks.items()})
+        queue = ChunkQueue(chunk_items(dataset))
+        first_rows: dict[int, int] = {}
+        for job, rows in dataset.items:
+            first_rows.setdefault(job, int(rows[0]))
+        in_order = InOrder(first_rows)
         running: dict[Future, int] = {}
         last_job: list[int | None] = [None] * len(self._replicas)  # of the chunk each replica got last
         has_dataset: set[int] = set()

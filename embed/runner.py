@@ -366,11 +366,12 @@ def embed_with(
     return paths
 
 
-def reuse_complete_caches(samples: list[Sample], cache_dir: str | Path, settings: EmbedSettings) -> list[Path] | None:
-    """The cache paths when every sample already has a complete cache with these settings, else ``None``.
+def plan_without_encoder(samples: list[Sample], cache_dir: str | Path, settings: EmbedSettings) -> list[Path | EmbedJob] | None:
+    """Each sample's complete cache or job (see :func:`plan_job`), found without building the encoder; ``None`` when that cannot be.
 
-    Identifies the encoder without building it (:func:`~virtualst.embed.encoders.describe_encoder`),
+    Identifies the encoder from its weights (:func:`~virtualst.embed.encoders.describe_encoder`),
     so a re-run with a billion-parameter model does not load it to find nothing to do.
+    ``None`` for ``hf-hub:``/``local-dir:`` specs and with ``overwrite`` (planning would delete caches).
     """
     from virtualst.embed.encoders import describe_encoder
 
@@ -380,8 +381,7 @@ def reuse_complete_caches(samples: list[Sample], cache_dir: str | Path, settings
     if identity is None:
         return None
     device = resolve_device(settings.device)
-    planned = [plan_job(s, identity, device, cache_dir, settings) for s in samples]
-    return planned if all(isinstance(p, Path) for p in planned) else None
+    return [plan_job(s, identity, device, cache_dir, settings) for s in samples]
 
 
 def embed_samples(
@@ -407,11 +407,12 @@ def embed_samples(
 
     settings = settings or EmbedSettings()
     samples = list(samples)
-    reused = reuse_complete_caches(samples, cache_dir, settings)
-    if reused is not None:
-        return reused
     total = sum(s.n_spots for s in samples)
-    with open_engine(settings, total) as engine, tqdm(
+    planned = plan_without_encoder(samples, cache_dir, settings)
+    if planned is not None and all(isinstance(p, Path) for p in planned):
+        return planned
+    to_embed = total if planned is None else sum(p.sample.n_spots - p.start for p in planned if isinstance(p, EmbedJob))
+    with open_engine(settings, to_embed) as engine, tqdm(
         total=total, unit="tile", desc=f"embed {engine.encoder.config.name}", disable=not show_progress
     ) as bar:
         return embed_with(engine, samples, cache_dir, settings, progress=bar.update)

@@ -134,10 +134,10 @@ def run_prediction(
     unknown = sorted(set(genes or ()) - set(predictor.genes_))
     if unknown:
         raise VirtualSTError(f"gene(s) {', '.join(unknown)} not predicted by this model")
-    signatures: dict[str, Any] = {}
+    scored: list[tuple] = []
 
     def add_signatures(adata) -> None:  # scored before the h5ad is written, so it carries them in obs
-        signatures["scores"], signatures["report"], signatures["tables"] = score_signatures(adata, sets, fdr=fdr)
+        scored.append(score_signatures(adata, sets, fdr=fdr))
 
     prediction = predict_slide(slide, predictor, out_dir, annotate=add_signatures, **predict_options)
     adata = prediction.adata
@@ -149,7 +149,7 @@ def run_prediction(
     cv = adata.var["cv_pearson"]
     figures = [ReportFigure.for_gene(g, Path(maps[g]).read_bytes(), float(cv[g]) if np.isfinite(cv[g]) else None, threshold) for g in chosen]
 
-    scores, sig_report, tables = signatures["scores"], signatures["report"], signatures["tables"]
+    ((scores, sig_report, tables),) = scored
     report_warnings = [f"Signature {name} not scored: {row['reason']}" for name, row in sig_report.iterrows() if not row["scored"]]
     sig_maps: dict[str, Path] = {}
     sections = []
