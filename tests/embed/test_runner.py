@@ -134,6 +134,19 @@ def test_complete_caches_are_reused_without_building_the_encoder(tmp_path, monke
     assert len(built) == 1, "one cache missing: the encoder is built"
 
 
+def test_the_engine_is_chosen_for_the_tiles_still_to_embed(tmp_path, monkeypatch):
+    from virtualst.embed import runner
+
+    done, new = make_sample(tmp_path, n_side=3, sample_id="done"), make_sample(tmp_path, n_side=2, sample_id="new")
+    settings = EmbedSettings(batch_size=4, num_workers=0, device="cpu")
+    embed_samples([done], tmp_path / "cache", settings, show_progress=False)
+    asked = []
+    real_open = runner.open_engine
+    monkeypatch.setattr(runner, "open_engine", lambda s, n: asked.append(n) or real_open(s, n))
+    embed_samples([done, new], tmp_path / "cache", settings, show_progress=False)
+    assert asked == [4], "the 9 tiles of the complete cache do not count towards starting replicas"
+
+
 def test_encoder_identity_matches_the_loaded_encoder(encoder):
     from virtualst.embed.encoders import describe_encoder
 
