@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
@@ -46,6 +47,12 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, line: str | None = None) -> str:
+    """Warnings as ``warning: message`` lines: the source line that raised one means nothing to a CLI user."""
+    kind = "" if category is UserWarning else f" ({category.__name__})"
+    return f"warning{kind}: {message}\n"
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"virtualst {__version__}")
@@ -57,6 +64,7 @@ def main(
     version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")] = None,
 ) -> None:
     """Virtual spatial transcriptomics: gene expression from H&E slides."""
+    warnings.formatwarning = one_line_warning
 
 
 @app.command()

@@ -29,6 +29,16 @@ def test_version():
     assert result.exit_code == 0 and result.output.startswith("virtualst ")
 
 
+def test_warnings_print_as_one_line(monkeypatch):
+    import warnings
+
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # restored after the test
+    assert runner.invoke(app, ["encoders"]).exit_code == 0
+    text = warnings.formatwarning("dropped 3 rows", UserWarning, "/x/readers/__init__.py", 118, "return [r.read(p)]")
+    assert text == "warning: dropped 3 rows\n"
+    assert warnings.formatwarning("old API", DeprecationWarning, "f.py", 1) == "warning (DeprecationWarning): old API\n"
+
+
 def test_encoders_lists_the_registry():
     result = invoke("encoders")
     assert result.exit_code == 0
