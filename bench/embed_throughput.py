@@ -77,7 +77,7 @@ class StoredTileBatches:
         if self._tiles is None:
             self._tiles = np.load(self.path, mmap_mode="r")
         rows = self.items[item][1]
-        return 0, int(rows[0]), np.asarray(self._tiles[rows[0] : rows[-1] + 1])
+        return 0, int(rows[0]), np.array(self._tiles[rows[0] : rows[-1] + 1])  # writable, as read tiles are
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_tiles": None}
@@ -113,7 +113,7 @@ def measure(
     batch_size: int | None = None,
     workers: int | None = None,
     device: str = "auto",
-    repeats: int = 3,
+    repeats: int = 5,
     cpu_replicas: int | None = None,
 ) -> dict:
     """Forward-only and pipeline rates on the in-tissue spots of ``paths``, alternated ``repeats`` times.
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--repeats", type=int, default=3, help="alternate the measurements this many times")
+    parser.add_argument("--repeats", type=int, default=5, help="alternate the measurements this many times (runs swing on shared machines)")
     parser.add_argument("--cpu-replicas", type=int, default=None, help="encoder processes on CPU (default: chosen)")
     args = parser.parse_args(argv)
 

@@ -84,7 +84,7 @@ class PerfConfig:
     embed_samples: tuple[Path, ...] = tuple(DEFAULT_SAMPLES)
     encoder: str = "efficientnet_lite0"
     embed_batch_size: int | None = None
-    embed_repeats: int = 3
+    embed_repeats: int = 5
     ridge_spots: int = 20_000
     ridge_dims: int = 1024
     ridge_genes: int = 2000
