@@ -21,7 +21,7 @@ suffix for vendor formats) to backends in order of preference:
 ========  ==================================
 kind      backends
 ========  ==================================
-jpeg/png  pil (decoded once, then sliced)
+jpeg/png  pil (decoded once, then sliced; JPEGs with restart markers by row bands)
 tiff      tiffslide, openslide, pil
 wsi       openslide, tiffslide (SVS, NDPI...)
 ========  ==================================
