@@ -13,7 +13,7 @@ libjpeg's smooth chroma upsampling reads one chroma row across each edge of a
 band, so every band is decoded with one extra unit of rows above and below,
 which is dropped: the rows kept equal a full decode's bit for bit (tested on
 generated files and on her2st). Tiles at spots need a fraction of the rows
-(her2st: about 40 %), which is that fraction of the decode time and memory.
+(her2st: about 40 %), and the decode time and memory shrink with it.
 
 :func:`restart_layout` returns ``None`` where this does not apply
 (progressive or arithmetic-coded files, no restart markers, intervals that
