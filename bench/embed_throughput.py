@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -146,16 +147,12 @@ def measure(
     with tempfile.TemporaryDirectory() as scratch:
         tiles_file = Path(scratch) / "tiles.npy"
         np.save(tiles_file, tiles)
-        replicas = EncoderReplicas(settings, plan) if plan.replicas > 1 else None
-        try:
+        with EncoderReplicas(settings, plan) if plan.replicas > 1 else nullcontext() as replicas:
             for _ in range(max(1, repeats)):
                 single.append(forward_only_rate(extractor, tiles, batch))
                 if replicas:
                     replicated.append(replica_forward_rate(replicas, tiles_file, len(tiles), batch))
                 pipeline.append(pipeline_rate(replicas or extractor, paths, settings)[0])
-        finally:
-            if replicas:
-                replicas.close()
     forward_median = max(float(np.median(single)), float(np.median(replicated)) if replicated else 0.0)
     pipeline_median = float(np.median(pipeline))
     return {

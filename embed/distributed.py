@@ -26,6 +26,7 @@ import contextlib
 import copy
 import dataclasses
 import logging
+import shutil
 import time
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
@@ -140,8 +141,6 @@ class EmbedWorker:
 
     def merge(self, index: int, sample: Sample, shard_paths: list[Path], cache_dir: str) -> SampleOutcome:
         """Write a sample's cache from its finished shards, then delete them."""
-        import shutil
-
         extractor = self._get_extractor()
         job = plan_job(sample, extractor.encoder, extractor.device, cache_dir, self.settings)
         if isinstance(job, Path):  # completed meanwhile (another run)

@@ -121,12 +121,13 @@ class PILReader:
         self._bands: BandedJpeg | None = None
         self._bands_checked = False
 
-    def _decode(self) -> np.ndarray | Image.Image:
+    def _decode(self, data: bytes | None = None) -> np.ndarray | Image.Image:
+        """The whole image; ``data``: the file's bytes when already read."""
         if self._turbo:
             import simplejpeg
 
             # strict=False: recoverable libjpeg warnings pass, as they do in PIL.
-            return simplejpeg.decode_jpeg(self.path.read_bytes(), colorspace="RGB", strict=False)
+            return simplejpeg.decode_jpeg(data or self.path.read_bytes(), colorspace="RGB", strict=False)
         with Image.open(self.path) as img:
             img.load()
             if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
@@ -151,7 +152,8 @@ class PILReader:
             bands = self._banded()
             if bands is not None and 2 * h <= bands.height:
                 return bands.read(x, y, w, h)
-            self._pixels = self._decode()  # most rows wanted: one whole decode beats bands and their copies
+            # Most rows wanted: one whole decode beats bands and their copies.
+            self._pixels = self._decode(bands.data if bands is not None else None)
             self._bands = None
         if isinstance(self._pixels, Image.Image):
             return np.asarray(self._pixels.crop((x, y, x + w, y + h)))
