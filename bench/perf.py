@@ -207,7 +207,7 @@ class Shared:
 
 
 # ---------------------------------------------------------------------------- FLOP count (row 3)
-def ridge_fit_flops(n: int, p: int, t: int, n_alphas: int, fit_intercept: bool = True) -> dict[str, float]:
+def ridge_fit_flops(n: int, p: int, t: int, n_alphas: int, fit_intercept: bool = True, scored: int | None = None) -> dict[str, float]:
     """Floating-point operations of :func:`~virtualst.heads.ridge.ridge_loo` for ``n`` spots, ``p`` features, ``t`` genes.
 
     Derived from the algorithm in :mod:`virtualst.heads.ridge`, counting a
@@ -232,10 +232,15 @@ def ridge_fit_flops(n: int, p: int, t: int, n_alphas: int, fit_intercept: bool =
                   ``2 n r t`` (n <= p)        ``Q = U' Yc``
     v             ``2 n p r`` (n <= p)        ``V = Xc' U / s``
     leverage      ``n r (1 + 2 A)``           ``(U * U) @ f`` for every alpha
-    loo_f32       ``A t (2 n r + 4 n + r)``   per alpha: ``diag(f) Q`` (``r t``), the residual
-                                              product ``U diag(f) Q`` (``2 n r t``), then
-                                              subtract, scale by ``1/(1-h)``, square, sum
-                                              (``4 n t``), in float32
+    bounds        ``(6 + 2 e) A r t``         bounds on every alpha's score (``scored``
+                  (pruned)                    given): closed-form residual sums of squares
+                                              and the residuals of the ``e = min(64, n)``
+                                              highest-leverage spots
+    loo_f32       ``S (2 n r + 4 n + r)``     per alpha-gene pair scored (``S = scored``, or
+                                              ``A t`` without pruning): ``f * Q`` (``r``),
+                                              the residual product ``U diag(f) Q`` (``2 n r``),
+                                              then subtract, scale by ``1/(1-h)``, square,
+                                              sum (``4 n``), in float32
     coef          ``2 p r t``                 ``V diag(s / (lam + alpha)) Q``
     ============  ==========================  ================================================
 
@@ -252,6 +257,8 @@ def ridge_fit_flops(n: int, p: int, t: int, n_alphas: int, fit_intercept: bool =
     dict
         FLOPs per stage and ``"total"``.
     """
+    from virtualst.heads.ridge import _EXACT_ROWS
+
     r = min(p, n - 1) if fit_intercept else min(n, p)
     m = min(n, p)
     a = n_alphas
@@ -260,7 +267,9 @@ def ridge_fit_flops(n: int, p: int, t: int, n_alphas: int, fit_intercept: bool =
     else:
         flops = {"gram": p * n * (n + 1), "eigh": 14 * m**3 / 3, "q": 2 * n * r * t, "v": 2 * n * p * r}
     flops["leverage"] = n * r * (1 + 2 * a)
-    flops["loo_f32"] = a * t * (2 * n * r + 4 * n + r)
+    if scored is not None:
+        flops["bounds"] = (6 + 2 * min(_EXACT_ROWS, n)) * a * r * t
+    flops["loo_f32"] = (a * t if scored is None else scored) * (2 * n * r + 4 * n + r)
     flops["coef"] = 2 * p * r * t
     out = {k: float(v) for k, v in flops.items()}
     out["total"] = float(sum(out.values()))
@@ -271,12 +280,14 @@ def ridge_fit_flops(n: int, p: int, t: int, n_alphas: int, fit_intercept: bool =
 def _ridge_fit(config: PerfConfig) -> dict[str, Any]:
     """RidgeHead without feature transform (the problem RidgeCV solves), fitted and timed on synthetic data."""
     from virtualst.bench.ridge_speed import synthetic
-    from virtualst.heads.ridge import RidgeHead, onednn_available
+    from virtualst.heads.ridge import RidgeHead, onednn_available, ridge_loo
 
     X, Y, X_test = synthetic(config.ridge_spots, config.ridge_dims, config.ridge_genes, n_test=200, seed=config.seed)
     onednn_available()  # imports torch now: a one-off start-up cost, not the fit's
     seconds, head = best_time(lambda: RidgeHead(standardize=False, n_components=None).fit(X, Y), config.ridge_repeats)
-    return {"X": X, "Y": Y, "X_test": X_test, "seconds": seconds, "head": head, "onednn": onednn_available()}
+    # The head's core again, untimed, for the alpha-gene pairs its bounds left to score (deterministic).
+    scored = int(ridge_loo(X, Y, head.alphas).scored.sum())
+    return {"X": X, "Y": Y, "X_test": X_test, "seconds": seconds, "head": head, "onednn": onednn_available(), "scored": scored}
 
 
 def _ridge_shape(config: PerfConfig) -> str:
@@ -307,12 +318,15 @@ def measure_ridge_gflops(config: PerfConfig, shared: Shared) -> PerfResult:
     from virtualst.heads.ridge import DEFAULT_ALPHAS
 
     fit = shared.get("ridge_fit", _ridge_fit)
-    flops = ridge_fit_flops(config.ridge_spots, config.ridge_dims, config.ridge_genes, len(DEFAULT_ALPHAS))
+    n_alphas = len(DEFAULT_ALPHAS)
+    flops = ridge_fit_flops(config.ridge_spots, config.ridge_dims, config.ridge_genes, n_alphas, scored=fit["scored"])
     achieved = flops["total"] / fit["seconds"] / 1e9
     reference = matmul_gflops(config.matmul_size, np.float32)
     share = flops["loo_f32"] / flops["total"]
+    pairs = fit["scored"] / (n_alphas * config.ridge_genes)
     detail = (
-        f"{_ridge_shape(config)}: {flops['total'] / 1e9:,.4g} GFLOP counted ({share:.0%} in the float32 LOO products; "
+        f"{_ridge_shape(config)}: {flops['total'] / 1e9:,.4g} GFLOP counted ({share:.0%} in the float32 LOO products "
+        f"of the {pairs:.0%} of alpha-gene pairs left by the bounds; "
         f"eigh by the 14/3 m^3 dsyevd estimate; re-scoring and O(n(p+t)) terms not counted) in {fit['seconds']:.2f} s = "
         f"{achieved:.1f} GFLOP/s (oneDNN {'on' if fit['onednn'] else 'off'}); numpy float32 matmul "
         f"{config.matmul_size}^3 {reference:.1f} GFLOP/s"

@@ -72,6 +72,21 @@ def test_flop_count_matches_a_hand_count_with_more_features_than_spots():
     assert flops["total"] == pytest.approx(701 + 2 / 3)
 
 
+def test_flop_count_of_a_pruned_fit_counts_the_scored_pairs_and_the_bounds():
+    full, pruned = ridge_fit_flops(10, 3, 2, 2), ridge_fit_flops(10, 3, 2, 2, scored=3)
+    assert pruned["loo_f32"] == 3 * (2 * 10 * 3 + 4 * 10 + 3) == full["loo_f32"] * 3 / 4
+    assert pruned["bounds"] == (6 + 2 * 10) * 2 * 3 * 2 and "bounds" not in full  # all 10 spots' residuals exact
+    assert pruned["total"] == full["total"] - full["loo_f32"] + pruned["loo_f32"] + pruned["bounds"]
+
+
+def test_flop_count_matches_ridge_loo_own_count():
+    rng = np.random.default_rng(0)
+    result = ridge_loo(rng.normal(size=(300, 8)), rng.normal(size=(300, 5)), (1.0, 10.0, 1e3), backend="numpy")
+    counted = ridge_fit_flops(300, 8, 5, 3, scored=int(result.scored.sum()))
+    assert counted["loo_f32"] == result.flops["loo_f32"]
+    assert counted["bounds"] == result.flops["bounds"]
+
+
 @pytest.mark.parametrize("n, p, fit_intercept", [(40, 6, True), (5, 9, True), (5, 9, False)])
 def test_flop_count_uses_the_rank_ridge_loo_keeps(n, p, fit_intercept):
     rng = np.random.default_rng(0)

@@ -35,12 +35,16 @@ def test_sklearn_conformance(estimator, check):
 def test_same_as_ridgecv(shape, fit_intercept):
     X, Y, X_new = regression(*shape)
     ref = RidgeCV(alphas=GRID, alpha_per_target=True, fit_intercept=fit_intercept, store_cv_results=True).fit(X, Y)
-    got = ridge_loo(X, Y, GRID, fit_intercept, backend="numpy")
-    np.testing.assert_array_equal(got.alpha, ref.alpha_)
-    np.testing.assert_allclose(X_new @ got.coef.T + got.intercept, ref.predict(X_new), rtol=0, atol=1e-8)
-    # The LOO table is scored in float32 (re-scored in float64 near ties only).
-    np.testing.assert_allclose(got.mse, ref.cv_results_.mean(axis=0).T, rtol=1e-3)
-    assert got.flops["total"] > got.flops["loo_f32"] > 0
+    loo = ref.cv_results_.mean(axis=0).T  # (A, t)
+    for prune in (False, True):
+        got = ridge_loo(X, Y, GRID, fit_intercept, backend="numpy", prune=prune)
+        np.testing.assert_array_equal(got.alpha, ref.alpha_)
+        np.testing.assert_allclose(X_new @ got.coef.T + got.intercept, ref.predict(X_new), rtol=0, atol=1e-8)
+        # The LOO table is scored in float32 (re-scored in float64 near ties only); pruned pairs are NaN.
+        assert got.scored.all() if not prune else got.scored.any()
+        np.testing.assert_array_equal(np.isnan(got.mse), ~got.scored)
+        np.testing.assert_allclose(got.mse[got.scored], loo[got.scored], rtol=1e-3)
+        assert got.flops["total"] > got.flops["loo_f32"] > 0
 
     # The head centres its features (FeatureTransform), so without intercept it matches RidgeCV on centred X.
     head = RidgeHead(standardize=False, n_components=None, fit_intercept=fit_intercept).fit(X, Y)
@@ -49,6 +53,75 @@ def test_same_as_ridgecv(shape, fit_intercept):
     np.testing.assert_array_equal(head.alpha_, ref.alpha_)
     np.testing.assert_allclose(head.predict(X_new), ref.predict(Z_new), rtol=0, atol=1e-8)
     np.testing.assert_allclose(head.cv_mse_, -ref.best_score_, rtol=1e-4)  # float32 scores
+
+
+def _designs():
+    """(X, Y, fit_intercept) of varied conditioning: n > p, n < p, duplicated and constant columns, no intercept."""
+    X, Y, _ = regression(150, 20, t=30, seed=1)
+    yield X, Y, True
+    yield X, Y, False
+    X, Y, _ = regression(30, 60, t=30, seed=2)
+    yield X, Y, True
+    X, Y, _ = regression(80, 10, t=30, seed=3)
+    yield np.hstack([X, X[:, :3], np.ones((80, 2))]), Y, True
+    X, Y, _ = regression(400, 40, t=30, seed=4)
+    X[:5] *= 30.0  # a few high-leverage spots: wide bounds
+    yield X, Y, True
+
+
+@pytest.mark.parametrize("exact_rows", [0, 4, 64])
+@pytest.mark.parametrize("case", range(5))
+def test_loo_bounds_hold_the_exact_scores(case, exact_rows, monkeypatch):
+    from virtualst.heads import ridge as ridge_module
+
+    monkeypatch.setattr(ridge_module, "_EXACT_ROWS", exact_rows)
+    X, Y, fit_intercept = list(_designs())[case]
+    exact = RidgeCV(alphas=GRID, alpha_per_target=True, fit_intercept=fit_intercept, store_cv_results=True).fit(X, Y)
+    loo = exact.cv_results_.mean(axis=0).T  # (A, t), float64
+    x_mean = X.mean(axis=0) if fit_intercept else 0.0
+    y_mean = Y.mean(axis=0) if fit_intercept else np.zeros(Y.shape[1])
+    spec, _ = ridge_module._spectrum(X - x_mean, Y, y_mean)
+    grid = np.asarray(GRID)
+    shrink = spec.lam[:, None] / (spec.lam[:, None] + grid[None, :])
+    h = (spec.u**2) @ shrink + (1.0 / len(X) if fit_intercept else 0.0)
+    with np.errstate(divide="ignore"):
+        dinv = (1.0 / (1.0 - h)).T
+    y_ss = ((Y - y_mean) ** 2).sum(axis=0)
+    bounds = ridge_module._LooBounds(spec, shrink, dinv)
+    lower, upper, _ = bounds.of(spec.q, y_ss, (Y - y_mean)[bounds.rows])
+    assert len(bounds.rows) == min(exact_rows, len(X))
+    checked = np.isfinite(loo) & np.isfinite(lower) & np.isfinite(upper)
+    assert checked.mean() > 0.5
+    assert np.all(lower[checked] <= loo[checked] * (1 + 1e-9))
+    assert np.all(loo[checked] <= upper[checked] * (1 + 1e-9))
+    if exact_rows >= len(X):  # every residual computed: the bounds close on the score
+        np.testing.assert_allclose(lower[checked], loo[checked], rtol=1e-6)
+        np.testing.assert_allclose(upper[checked], loo[checked], rtol=1e-6)
+
+
+@pytest.mark.parametrize("exact_rows", [0, 64])
+@pytest.mark.parametrize("case", range(5))
+def test_pruning_keeps_the_choice_and_skips_only_losers(case, exact_rows, monkeypatch):
+    from virtualst.heads import ridge as ridge_module
+
+    monkeypatch.setattr(ridge_module, "_EXACT_ROWS", exact_rows)
+    X, Y, fit_intercept = list(_designs())[case]
+    full = ridge_loo(X, Y, GRID, fit_intercept, backend="numpy", prune=False)
+    pruned = ridge_loo(X, Y, GRID, fit_intercept, backend="numpy", prune=True)
+    np.testing.assert_array_equal(pruned.alpha_index, full.alpha_index)
+    np.testing.assert_array_equal(pruned.coef, full.coef)
+    # Same float32 scores up to rounding (the products group targets differently).
+    np.testing.assert_allclose(pruned.mse[pruned.scored], full.mse[pruned.scored], rtol=1e-4)
+    best = full.mse[full.alpha_index, np.arange(Y.shape[1])]
+    skipped = ~pruned.scored
+    assert np.all(full.mse[skipped] > np.broadcast_to(best, full.mse.shape)[skipped])
+
+
+def test_pruning_scores_fewer_alphas_on_many_spots():
+    X, Y, _ = regression(3000, 40, t=50, seed=5)
+    got = ridge_loo(X, Y, GRID, backend="numpy")
+    assert got.scored.mean() < 0.6, got.scored.mean()
+    assert got.flops["loo_f32"] < 0.6 * ridge_loo(X, Y, GRID, backend="numpy", prune=False).flops["loo_f32"]
 
 
 def test_rank_deficient_design():
