@@ -23,7 +23,7 @@ import numpy as np
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from virtualst.heads.base import Head
-from virtualst.heads.cv import inner_splits, pearson_per_gene
+from virtualst.heads.cv import inner_splits
 from virtualst.heads.features import FeatureTransform
 
 __all__ = ["KNNHead", "softmax_weights"]
@@ -155,6 +155,47 @@ def _weighted_targets(sims: np.ndarray, idx: np.ndarray, targets: np.ndarray, te
     if missing.any():  # IVF with too few probed lists can return no neighbour at all
         out[missing] = targets.mean(axis=0, dtype=np.float64)
     return out
+
+
+def _candidate_scores(
+    sims: np.ndarray, idx: np.ndarray, targets: np.ndarray, y_true: np.ndarray, ks: list[int], temperatures: list[float]
+) -> np.ndarray:
+    """Mean Pearson r over genes of every ``(k, temperature)`` prediction, ``(len(ks), len(temperatures))``.
+
+    Each query's neighbours' targets are gathered once (for the largest
+    ``k``) and every candidate's prediction comes from one batched product
+    with zero-padded weights; Pearson r is taken from moments accumulated
+    over query chunks, so no candidate's predictions are kept. Targets are
+    centred on their mean first (r does not change, the moments stay
+    well-conditioned); a query without any neighbour predicts that mean, as
+    in :func:`_weighted_targets`.
+    """
+    n, kmax = idx.shape
+    mean = targets.mean(axis=0, dtype=np.float64)
+    centred = (targets - mean).astype(np.float32)
+    y = np.asarray(y_true, dtype=np.float64) - mean
+    combos = [(min(k, kmax), t) for k in ks for t in temperatures]
+    p_sum = np.zeros((len(combos), targets.shape[1]))
+    p_sq, p_y = np.zeros_like(p_sum), np.zeros_like(p_sum)
+    step = max(1, _CHUNK // max(1, kmax * targets.shape[1]))
+    for s in range(0, n, step):
+        rows = slice(s, s + step)
+        weights = np.zeros((len(idx[rows]), len(combos), kmax), dtype=np.float32)
+        for c, (k, t) in enumerate(combos):
+            weights[:, c, :k] = softmax_weights(sims[rows, :k], t)
+        np.nan_to_num(weights, copy=False, nan=0.0)
+        pred = (weights @ centred[np.maximum(idx[rows], 0)]).astype(np.float64)  # (queries, combos, genes)
+        p_sum += pred.sum(axis=0)
+        p_sq += (pred * pred).sum(axis=0)
+        p_y += (pred * y[rows, None, :]).sum(axis=0)
+    y_sum, y_sq = y.sum(axis=0), (y * y).sum(axis=0)
+    cov = p_y - p_sum * y_sum / n
+    var_p = np.maximum(p_sq - p_sum**2 / n, 0.0)
+    var_y = np.maximum(y_sq - y_sum**2 / n, 0.0)
+    denom = np.sqrt(var_p * var_y)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = np.where(denom > 0, cov / denom, 0.0)  # 0 where either side is constant, as pearson_per_gene
+    return r.mean(axis=1).reshape(len(ks), len(temperatures))
 
 
 # ----------------------------------------------------------------------- the head
@@ -315,10 +356,7 @@ class KNNHead(Head):
                 kmax = min(max(ks), len(train))
                 # One search per fold with the largest k; smaller k are prefixes of it.
                 sims, idx = _neighbours(ref["index"], self._queries(X[val], ref["transform"]), ref["vectors"], kmax, self.metric, ref["scale"])
-                for i, k in enumerate(ks):
-                    for j, t in enumerate(temps):
-                        pred = _weighted_targets(sims[:, :k], idx[:, :k], ref["targets"], t)
-                        scores[i, j] += pearson_per_gene(Y[val], pred).mean()
+                scores += _candidate_scores(sims, idx, ref["targets"], Y[val], ks, temps)
             self.cv_scores_ = scores / len(splits)
             best = np.unravel_index(np.argmax(self.cv_scores_), self.cv_scores_.shape)
             self.cv_score_ = float(self.cv_scores_[best])

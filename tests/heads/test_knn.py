@@ -91,7 +91,29 @@ def test_inner_cv_scores_every_candidate_and_picks_the_best(linear_data):
         for j, t in enumerate(temps):
             one = KNNHead(k_grid=(k,), temperature_grid=(t,), **RAW)
             folds = [pearson_per_gene(Y[va], one.fit(X[tr], Y[tr]).predict(X[va])).mean() for tr, va in inner_splits(len(X), groups, 5, 0)]
-            assert head.cv_scores_[i, j] == pytest.approx(np.mean(folds), abs=1e-9)
+            assert head.cv_scores_[i, j] == pytest.approx(np.mean(folds), abs=1e-6)  # candidates' products in float32
+
+
+def test_candidate_scores_equal_scoring_each_candidate_alone():
+    from virtualst.heads.knn import _candidate_scores, _weighted_targets
+
+    rng = np.random.default_rng(3)
+    n_ref, n_val, kmax = 60, 90, 12
+    targets = np.column_stack([rng.normal(5.0, 1.0, n_ref), rng.poisson(2.0, n_ref), rng.normal(0.0, 1e-3, n_ref)]).astype(np.float32)
+    y_true = np.column_stack([rng.normal(5.0, 1.0, n_val), rng.poisson(2.0, n_val), rng.normal(3.0, 1.0, n_val)])
+    idx = np.argsort(rng.random((n_val, n_ref)), axis=1)[:, :kmax]
+    sims = -np.sort(rng.random((n_val, kmax)), axis=1)
+    sims[:5, 8:], idx[:5, 8:] = -np.inf, -1  # queries short of neighbours (IVF) ...
+    sims[5], idx[5] = -np.inf, -1  # ... and one without any
+    ks, temps = [1, 5, 12, 40], [0.01, 0.3, 2.0]  # 40 > kmax: every neighbour found
+    got = _candidate_scores(sims, idx, targets, y_true, ks, temps)
+    for i, k in enumerate(ks):
+        for j, t in enumerate(temps):
+            pred = _weighted_targets(sims[:, :k], idx[:, :k], targets, t)
+            assert got[i, j] == pytest.approx(pearson_per_gene(y_true, pred).mean(), abs=1e-6), (k, t)
+    # A gene constant among the references has a constant prediction: r = 0 (pearson_per_gene's rule).
+    constant = np.full((n_ref, 1), 3.0, dtype=np.float32)
+    np.testing.assert_array_equal(_candidate_scores(sims, idx, constant, y_true[:, :1], ks, temps), 0.0)
 
 
 def test_smooth_targets_prefer_few_neighbours_and_noise_many():
