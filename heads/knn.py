@@ -165,15 +165,16 @@ def _candidate_scores(
     Each query's neighbours' targets are gathered once (for the largest
     ``k``) and every candidate's prediction comes from one batched product
     with zero-padded weights; Pearson r is taken from moments accumulated
-    over query chunks, so no candidate's predictions are kept. Targets are
-    centred on their mean first (r does not change, the moments stay
-    well-conditioned); a query without any neighbour predicts that mean, as
-    in :func:`_weighted_targets`.
+    over query chunks, so no candidate's predictions are kept. Reference
+    targets are centred on their mean first (r does not change, the moments
+    stay well-conditioned) and true values on theirs; a query without any
+    neighbour predicts the mean, as in :func:`_weighted_targets`.
     """
     n, kmax = idx.shape
     mean = targets.mean(axis=0, dtype=np.float64)
     centred = (targets - mean).astype(np.float32)
-    y = np.asarray(y_true, dtype=np.float64) - mean
+    y = np.asarray(y_true, dtype=np.float64)
+    y = y - y.mean(axis=0)
     combos = [(min(k, kmax), t) for k in ks for t in temperatures]
     p_sum = np.zeros((len(combos), targets.shape[1]))
     p_sq, p_y = np.zeros_like(p_sum), np.zeros_like(p_sum)
@@ -188,13 +189,13 @@ def _candidate_scores(
         p_sum += pred.sum(axis=0)
         p_sq += (pred * pred).sum(axis=0)
         p_y += (pred * y[rows, None, :]).sum(axis=0)
-    y_sum, y_sq = y.sum(axis=0), (y * y).sum(axis=0)
-    cov = p_y - p_sum * y_sum / n
-    var_p = np.maximum(p_sq - p_sum**2 / n, 0.0)
-    var_y = np.maximum(y_sq - y_sum**2 / n, 0.0)
+    var_p = p_sq - p_sum**2 / n  # p_y is already the covariance: y is centred
+    # A prediction constant up to float32 rounding (~6e-8 relative) counts as constant.
+    var_p = np.where(var_p > 1e-13 * p_sq, var_p, 0.0)
+    var_y = np.where(np.ptp(y, axis=0) > 0, (y * y).sum(axis=0), 0.0)  # exactly 0 for a constant column
     denom = np.sqrt(var_p * var_y)
     with np.errstate(invalid="ignore", divide="ignore"):
-        r = np.where(denom > 0, cov / denom, 0.0)  # 0 where either side is constant, as pearson_per_gene
+        r = np.where(denom > 0, p_y / denom, 0.0)  # 0 where either side is constant, as pearson_per_gene
     return r.mean(axis=1).reshape(len(ks), len(temperatures))
 
 

@@ -111,9 +111,11 @@ def test_candidate_scores_equal_scoring_each_candidate_alone():
         for j, t in enumerate(temps):
             pred = _weighted_targets(sims[:, :k], idx[:, :k], targets, t)
             assert got[i, j] == pytest.approx(pearson_per_gene(y_true, pred).mean(), abs=1e-6), (k, t)
-    # A gene constant among the references has a constant prediction: r = 0 (pearson_per_gene's rule).
+    # A gene constant among the references, or among the true values (a gene not detected in a fold),
+    # scores r = 0 (pearson_per_gene's rule), not rounding noise.
     constant = np.full((n_ref, 1), 3.0, dtype=np.float32)
     np.testing.assert_array_equal(_candidate_scores(sims, idx, constant, y_true[:, :1], ks, temps), 0.0)
+    np.testing.assert_array_equal(_candidate_scores(sims, idx, targets[:, :1], np.full((n_val, 1), 0.1), ks, temps), 0.0)
 
 
 def test_smooth_targets_prefer_few_neighbours_and_noise_many():
