@@ -40,7 +40,7 @@ from typing import Protocol
 import numpy as np
 from PIL import Image
 
-from virtualst.embed.jpeg_bands import BandedJpeg, restart_layout
+from virtualst.embed.jpeg_bands import BandedJpeg, decode_rgb, restart_layout
 from virtualst.errors import InputError, MissingDependencyError
 
 # A her2st JPEG is 92 Mpx, above PIL's 89 Mpx bomb warning; 1 Gpx (3 GB decoded
@@ -124,10 +124,7 @@ class PILReader:
     def _decode(self, data: bytes | None = None) -> np.ndarray | Image.Image:
         """The whole image; ``data``: the file's bytes when already read."""
         if self._turbo:
-            import simplejpeg
-
-            # strict=False: recoverable libjpeg warnings pass, as they do in PIL.
-            return simplejpeg.decode_jpeg(data or self.path.read_bytes(), colorspace="RGB", strict=False)
+            return decode_rgb(data or self.path.read_bytes())
         with Image.open(self.path) as img:
             img.load()
             if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):

@@ -198,14 +198,15 @@ class BandedJpeg:
             run, missing = missing[:run_end], missing[run_end:]
             # One unit of context on each side, decoded and dropped (chroma upsampling reads across).
             lo, hi = max(run[0] - 1, 0), min(run[-1] + 2, self.layout.n_units)
-            band = _decode(self.layout.band_stream(self.data, lo, hi))
+            band = decode_rgb(self.layout.band_stream(self.data, lo, hi))
             unit = self.layout.unit_px
             for u in run:
                 self._units[u] = band[(u - lo) * unit : (u - lo + 1) * unit]
 
 
-def _decode(stream: bytes) -> np.ndarray:
+def decode_rgb(stream: bytes) -> np.ndarray:
+    """A JPEG stream (a whole file or a band) as ``(h, w, 3)`` uint8 RGB, through simplejpeg."""
     import simplejpeg
 
-    # strict=False as for the whole image: recoverable libjpeg warnings pass, as they do in PIL.
+    # strict=False: recoverable libjpeg warnings pass, as they do in PIL.
     return simplejpeg.decode_jpeg(stream, colorspace="RGB", strict=False)

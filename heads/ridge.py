@@ -332,8 +332,9 @@ class _LooBounds:
     smallest and largest ``1/(1 - h_i)**2`` among them. Every term carries a
     bound on its float64 error, the closed form's including ``U``'s departure
     from orthonormality (``~(m + n) eps lam_max / sqrt(lam_k lam_l)`` from
-    the decomposition): ~1e5x the actual error on the benchmark's problem, yet
-    ~1e-6 of the RSS.
+    the decomposition). On the benchmark's problem (50 genes checked at three
+    alphas) the bound was at least 380x the closed form's actual error, yet a
+    median 3.8e-7 of the RSS (at most 4.1e-5).
     """
 
     def __init__(self, spec: _Spectrum, shrink: np.ndarray, dinv: np.ndarray) -> None:
@@ -380,8 +381,16 @@ class _LooBounds:
         d2_rows = self.d2_rows[:, :, None]
         lower = ((sq_lo * d2_rows).sum(axis=1) + rest_lo * self.d2_min[:, None]) / self.n
         upper = ((sq_hi * d2_rows).sum(axis=1) + rest_hi * self.d2_max[:, None]) / self.n
-        size = self.d2_top[:, None] * (y_ss[None, :] + fq_ss) / self.n
-        return lower, upper, size
+        return lower, upper, _error_size(self.d2_top, y_ss, fq_ss, self.n)
+
+
+def _error_size(d2_max: np.ndarray, y_ss: np.ndarray, fq_ss: np.ndarray, n: int) -> np.ndarray:
+    """``(A, t)`` scale of the float32 error of the LOO scores (see :func:`_f32_tolerance`).
+
+    ``d2_max`` (A,): largest ``1/(1 - h)**2``; ``y_ss`` (t,): ``||Yc||**2``; ``fq_ss`` (A, t): ``||f * Q||**2``.
+    """
+    with np.errstate(invalid="ignore", over="ignore"):
+        return d2_max[:, None] * (y_ss[None, :] + fq_ss) / n
 
 
 def _f32_error(mse: np.ndarray, size: np.ndarray) -> np.ndarray:
@@ -491,9 +500,9 @@ def _f32_tolerance(mse: np.ndarray, y_ss: np.ndarray, spec: _Spectrum, shrink: n
     """
     n = dinv.shape[1]
     fq_ss = (shrink.T**2) @ (spec.q**2)  # (A, t)
-    with np.errstate(invalid="ignore", over="ignore"):
-        size = np.max(dinv, axis=1)[:, None] ** 2 * (y_ss[None, :] + fq_ss) / n
-    return _f32_error(mse, size)
+    with np.errstate(over="ignore"):
+        d2_max = np.max(dinv, axis=1) ** 2
+    return _f32_error(mse, _error_size(d2_max, y_ss, fq_ss, n))
 
 
 # ----------------------------------------------------------------------------- choice
@@ -606,6 +615,9 @@ class RidgeHead(Head):
         relative, unless it was re-scored in float64 to break a near-tie).
     cv_used_ : str
         ``"loo"`` or ``"group"``: what actually chose the alphas.
+    cv_scored_ : float
+        Share of the alpha-gene pairs whose CV score was computed: below 1 when
+        bounds ruled alphas out (LOO, see :func:`ridge_loo`), 1 for group CV.
     n_features_in_ : int
     """
 
@@ -642,10 +654,12 @@ class RidgeHead(Head):
                 alpha, coef, intercept, mse = ridge_group_cv(Z, Y2, groups, self.alphas, self.fit_intercept, self.n_splits)
                 chosen = np.argmax(check_alphas(self.alphas)[:, None] == alpha[None, :], axis=0)
                 self.cv_mse_ = mse[chosen, np.arange(Y2.shape[1])]
+                self.cv_scored_ = 1.0
             else:
                 result = ridge_loo(Z, Y2, self.alphas, self.fit_intercept)
                 alpha, coef, intercept = result.alpha, result.coef, result.intercept
                 self.cv_mse_ = result.mse[result.alpha_index, np.arange(Y2.shape[1])]
+                self.cv_scored_ = float(result.scored.mean())
         single = np.ndim(Y) == 1
         self.cv_used_ = "group" if by_group else "loo"
         self.alpha_ = alpha
@@ -665,6 +679,7 @@ class RidgeHead(Head):
             "n_features_in": int(self.n_features_in_),
             "single_target": bool(np.ndim(self.coef_) == 1),
             "cv_used": self.cv_used_,
+            "cv_scored": self.cv_scored_,
         }
         arrays = {
             "alpha": np.asarray(self.alpha_, dtype=np.float64),
@@ -682,6 +697,7 @@ class RidgeHead(Head):
         self.transform_.restore_arrays(arrays, "features.")
         self.n_features_in_ = int(meta["n_features_in"])
         self.cv_used_ = meta.get("cv_used", "loo")
+        self.cv_scored_ = float(meta.get("cv_scored", 1.0))  # saved before LOO pruning: every pair scored
         self.alpha_ = np.asarray(arrays["alpha"], dtype=np.float64)
         self.cv_mse_ = np.asarray(arrays["cv_mse"], dtype=np.float64)
         coef = np.asarray(arrays["coef"], dtype=np.float64)

@@ -122,6 +122,9 @@ def test_pruning_scores_fewer_alphas_on_many_spots():
     got = ridge_loo(X, Y, GRID, backend="numpy")
     assert got.scored.mean() < 0.6, got.scored.mean()
     assert got.flops["loo_f32"] < 0.6 * ridge_loo(X, Y, GRID, backend="numpy", prune=False).flops["loo_f32"]
+    head = RidgeHead(standardize=False, n_components=None).fit(X, Y)  # centring only: the same problem
+    assert head.cv_scored_ == pytest.approx(got.scored.mean())
+    assert Head.from_state(head.get_state()).cv_scored_ == head.cv_scored_
 
 
 def test_rank_deficient_design():
@@ -172,7 +175,7 @@ def test_group_cv_matches_refitting_each_alpha_on_each_fold(linear_data):
     Y = Y + np.random.default_rng(5).normal(scale=[0.1, 3.0, 10.0], size=Y.shape)  # genes needing different alphas
     alphas = (0.1, 10.0, 1000.0, 1e5)
     head = RidgeHead(n_components=None, standardize=False, alphas=alphas, cv="group").fit(X, Y, groups=groups)
-    assert head.cv_used_ == "group"
+    assert head.cv_used_ == "group" and head.cv_scored_ == 1.0
     # Reference: sklearn Ridge refitted per fold and alpha, scored by mean per-fold Pearson.
     score = np.zeros((len(alphas), Y.shape[1]))
     for g in np.unique(groups):
