@@ -1,12 +1,17 @@
 """Neighbour-search speed: KNNHead's faiss search path against scikit-learn brute force.
 
 Run ``python -m virtualst.bench.knn_speed [--references 20000 --queries 5000
---dims 1024 --k 50]``. On deterministic synthetic embeddings (a Gaussian
-mixture, float32) and for each metric it measures, best of ``--repeats``:
+--dims 1024 --k 50 --data mixture]``. On deterministic synthetic embeddings
+(float32; ``--data``: ``mixture``, a Gaussian mixture around 64 centres;
+``crowded``, the ridge benchmark's features, whose cosines crowd around 0.9;
+``near-duplicates``, one centre plus 2 % noise, cosines ~0.9996) and for each
+metric it measures, best of ``--repeats``:
 
-* **KNNHead**: ``KNNHead.kneighbors`` with an exact flat faiss index and no
-  feature transform — input validation, L2 normalisation (cosine), the faiss
-  search and the float64 re-scoring of the ``k`` candidates included;
+* **KNNHead**: ``KNNHead.kneighbors`` with its exact index and no feature
+  transform — input validation, L2 normalisation (cosine), the search (faiss
+  flat, or for cosine the bfloat16-screened exact search where the CPU has
+  fast bfloat16 products; ``--no-screen``: always faiss) and the re-scoring of
+  the ``k`` neighbours included;
 * **sklearn**: ``NearestNeighbors(algorithm="brute", metric=...).kneighbors``
   on the same vectors (``cosine`` / ``euclidean``);
 * **GEMM floor**: one float32 ``queries @ references.T`` with numpy's BLAS,
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Callable
 
 import faiss
@@ -31,7 +37,9 @@ import numpy as np
 from sklearn.neighbors import NearestNeighbors
 
 from virtualst.bench.timing import best_time, cpu_model, load_average
+from virtualst.heads import knn
 from virtualst.heads.knn import KNNHead
+from virtualst.heads.screened_search import BF16ScreenIndex
 
 SKLEARN_METRIC = {"cosine": "cosine", "l2": "euclidean"}
 
@@ -45,6 +53,33 @@ def synthetic(n_references: int, n_queries: int, dims: int, seed: int = 0) -> tu
         return centres[rng.integers(0, 64, n)] + rng.normal(scale=0.8, size=(n, dims)).astype(np.float32)
 
     return draw(n_references), draw(n_queries)
+
+
+def crowded(n_references: int, n_queries: int, dims: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The ridge benchmark's features (a shared offset: cosines crowd around 0.9), float32."""
+    from virtualst.bench.ridge_speed import synthetic as ridge_features
+
+    X, _, X_test = ridge_features(n_references, dims, 1, n_test=n_queries, seed=seed)
+    return X.astype(np.float32), X_test.astype(np.float32)
+
+
+def near_duplicates(n_references: int, n_queries: int, dims: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """One centre plus 2 % noise (cosines ~0.9996, like blank background tiles), float32."""
+    rng = np.random.default_rng(seed)
+    centre = rng.normal(size=dims)
+
+    def draw(n: int) -> np.ndarray:
+        return (centre + rng.normal(scale=0.02, size=(n, dims))).astype(np.float32)
+
+    return draw(n_references), draw(n_queries)
+
+
+#: ``--data`` choices.
+DATASETS: dict[str, Callable[..., tuple[np.ndarray, np.ndarray]]] = {
+    "mixture": synthetic,
+    "crowded": crowded,
+    "near-duplicates": near_duplicates,
+}
 
 
 def exact_distances(R: np.ndarray, Q: np.ndarray, idx: np.ndarray, metric: str) -> np.ndarray:
@@ -105,6 +140,7 @@ def measure(
     seed: int = 0,
     tie_rtol: float = 1e-5,
     echo: Callable[[str], object] | None = print,
+    data: str = "mixture",
 ) -> list[dict[str, float]]:
     """Time and compare KNNHead and sklearn for every metric; one dict per metric.
 
@@ -113,8 +149,8 @@ def measure(
     prints one block per metric (``None``: silent).
     """
     say = echo or (lambda _: None)
-    R, Q = synthetic(references, queries, dims, seed)
-    say(f"references {len(R)} x {dims}, queries {len(Q)}, k {k}, best of {repeats}")
+    R, Q = DATASETS[data](references, queries, dims, seed)
+    say(f"{data}: references {len(R)} x {dims}, queries {len(Q)}, k {k}, best of {repeats}")
     say(f"machine: {machine()}")
     gemm, _ = best_time(lambda: Q @ R.T, repeats)
     say(f"GEMM floor (float32 Q @ R.T, numpy): {gemm:.3f} s")
@@ -123,12 +159,18 @@ def measure(
         head = KNNHead(k_grid=(k,), temperature_grid=(1.0,), metric=metric, standardize=False, n_components=None)
         head.fit(R, np.zeros(len(R)))  # a single (k, temperature): no inner CV
         nn = NearestNeighbors(n_neighbors=k, algorithm="brute", metric=SKLEARN_METRIC[metric]).fit(R)
+        index = head._search_index()
         t_head, (_, ours) = best_time(lambda: head.kneighbors(Q, k), repeats)
         t_sk, (_, theirs) = best_time(lambda: nn.kneighbors(Q), repeats)
         stats = compare(R, Q, ours, theirs, metric, tie_rtol)
+        stats["search"] = type(index).__name__
+        screened = ""
+        if isinstance(index, BF16ScreenIndex):
+            stats["candidates_per_query"] = index.candidates_ / (repeats * len(Q))
+            screened = f", {stats['candidates_per_query']:.0f} candidates re-scored per query"
         say(
             f"{metric:>6}: KNNHead {t_head:.3f} s  sklearn {t_sk:.3f} s  ratio {t_sk / t_head:.2f}x  "
-            f"(KNNHead/GEMM {t_head / gemm:.2f}, sklearn/GEMM {t_sk / gemm:.2f})"
+            f"(KNNHead/GEMM {t_head / gemm:.2f}, sklearn/GEMM {t_sk / gemm:.2f}; search: {stats['search']}{screened})"
         )
         say(
             f"        identical neighbour sets {stats['identical']:.4%} (same order {stats['same_order']:.4%}); "
@@ -141,7 +183,15 @@ def measure(
 
 def run(args: argparse.Namespace) -> list[dict[str, float]]:
     """:func:`measure` with the command line's arguments."""
-    return measure(args.references, args.queries, args.dims, args.k, tuple(args.metrics), args.repeats, args.seed, args.tie_rtol)
+    floor = knn.SCREEN_MIN_REFERENCES
+    if args.no_screen:
+        knn.SCREEN_MIN_REFERENCES = sys.maxsize
+    try:
+        return measure(
+            args.references, args.queries, args.dims, args.k, tuple(args.metrics), args.repeats, args.seed, args.tie_rtol, data=args.data
+        )
+    finally:
+        knn.SCREEN_MIN_REFERENCES = floor
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -153,6 +203,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metrics", nargs="+", choices=sorted(SKLEARN_METRIC), default=["cosine", "l2"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="cap faiss, BLAS and OpenMP threads of both sides (default: library defaults)")
+    parser.add_argument("--data", choices=sorted(DATASETS), default="mixture", help="synthetic embeddings (see above)")
+    parser.add_argument("--no-screen", action="store_true", help="cosine through faiss's float32 search, not the bfloat16 screen")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tie-rtol", type=float, default=1e-5, help="relative distance gap counted as a float32 tie")
     args = parser.parse_args(argv)

@@ -366,12 +366,13 @@ def measure_knn(config: PerfConfig, shared: Shared) -> PerfResult:
     ratios = {r["metric"]: r["sklearn_s"] / r["knnhead_s"] for r in rows}
     worst = min(ratios, key=ratios.get)
     per_metric = "; ".join(
-        f"{r['metric']} {ratios[r['metric']]:.2f}x ({r['knnhead_s']:.2f} vs {r['sklearn_s']:.2f} s, same sets {r['identical']:.2%})"
+        f"{r['metric']} {ratios[r['metric']]:.2f}x ({r['knnhead_s']:.2f} vs {r['sklearn_s']:.2f} s, {r['search']}, "
+        f"same sets {r['identical']:.2%})"
         for r in rows
     )
     detail = (
         f"{config.knn_references:,} references x {config.knn_dims:,} dims, {config.knn_queries:,} queries, k {config.knn_k}, "
-        f"exact flat index: {per_metric}; value = worst ({worst})"
+        f"exact search: {per_metric}; value = worst ({worst})"
     )
     return _result("4", ratios[worst], ratios[worst] >= 3.0, detail)
 

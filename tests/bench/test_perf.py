@@ -201,3 +201,35 @@ def test_knn_speed_script_still_reports(capsys):
     assert "cosine: KNNHead" in out and "l2: KNNHead" in out
     rows = knn_speed.measure(200, 20, 8, 5, ("l2",), repeats=1, echo=None)
     assert rows[0]["metric"] == "l2" and rows[0]["identical"] == 1.0
+
+
+@pytest.mark.parametrize(("data", "low", "high"), [("mixture", -0.2, 1.0), ("crowded", 0.7, 1.0), ("near-duplicates", 0.999, 1.0)])
+def test_knn_speed_data_sets_have_their_cosine_spread(data, low, high):
+    R, Q = knn_speed.DATASETS[data](300, 40, 64)
+    assert R.shape == (300, 64) and Q.shape == (40, 64) and R.dtype == Q.dtype == np.float32
+    cos = (Q / np.linalg.norm(Q, axis=1, keepdims=True)) @ (R / np.linalg.norm(R, axis=1, keepdims=True)).T
+    assert low < np.median(cos) < high
+
+
+#: A tiny knn_speed run (cosine only).
+SMALL_KNN = ["--references", "200", "--queries", "20", "--dims", "8", "--k", "5", "--repeats", "1", "--metrics", "cosine"]
+
+
+def test_knn_speed_reports_the_search_used(capsys, monkeypatch):
+    from virtualst.heads import knn
+
+    monkeypatch.setattr(knn, "bf16_screen_ok", lambda: True)
+    knn_speed.main(SMALL_KNN)  # 200 references: below the screen's minimum
+    floor = knn.SCREEN_MIN_REFERENCES
+    monkeypatch.setattr(knn, "SCREEN_MIN_REFERENCES", 100)
+    knn_speed.main(SMALL_KNN)
+    knn_speed.main(["--no-screen", *SMALL_KNN])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("cosine:")]
+    assert ["search: IndexFlatIP" in lines[0], "search: BF16ScreenIndex" in lines[1], "search: IndexFlatIP" in lines[2]] == [True] * 3
+    assert "candidates re-scored per query" in lines[1] and knn.SCREEN_MIN_REFERENCES == 100 != floor  # --no-screen restored it
+
+
+def test_knn_speed_runs_other_data(capsys):
+    knn_speed.main([*SMALL_KNN, "--data", "crowded"])
+    out = capsys.readouterr().out
+    assert out.startswith("crowded: references 200 x 8") and "search: IndexFlatIP" in out
