@@ -10,6 +10,7 @@ models, so a saved head never goes through pickle.
 
 from __future__ import annotations
 
+import queue
 from typing import Any
 
 import lightgbm as lgb
@@ -59,22 +60,44 @@ def validation_split(n_samples: int, groups=None, fraction: float = 0.2, random_
     return np.sort(perm[n_valid:]), np.sort(perm[:n_valid])
 
 
-def _fit_gene(Z, y, split, params: dict[str, Any], n_estimators: int, early_stopping_rounds: int | None) -> tuple[lgb.Booster, int]:
-    """Early-stop on ``split`` (when given), then refit on all rows; returns ``(booster, n_trees)``.
+def _binned_datasets(Z: np.ndarray, split, params: dict[str, Any]) -> tuple[lgb.Dataset, tuple | None]:
+    """LightGBM datasets binned once, their labels set per gene: ``(all rows, early-stopping pair)``.
 
-    ``split`` is ``(Z_train, Z_valid, train_index, valid_index)``.
+    ``split`` is ``(train_index, valid_index)`` or ``None``; the pair is
+    ``(train, valid, train_index, valid_index)`` with ``valid`` binned like
+    ``train``. Binning the same features again for every gene cost 8–10 % of
+    the fit (20,000 spots, 32 components).
     """
-    n_trees = n_estimators
-    if split is not None:
-        Z_train, Z_valid, train, valid = split
-        dtrain = lgb.Dataset(Z_train, label=y[train], params=params)
-        dvalid = lgb.Dataset(Z_valid, label=y[valid], reference=dtrain, params=params)
-        stop = lgb.early_stopping(early_stopping_rounds, first_metric_only=True, verbose=False)
-        probe = lgb.train(params, dtrain, num_boost_round=n_estimators, valid_sets=[dvalid], callbacks=[stop])
-        n_trees = max(1, probe.best_iteration or n_estimators)
-    # Refit on every spot: with few sections the held-out group is a third of the data (see LGBMHead notes).
-    booster = lgb.train(params, lgb.Dataset(Z, label=y, params=params), num_boost_round=n_trees)
-    return booster, n_trees
+    full = lgb.Dataset(Z, label=np.zeros(len(Z)), params=params).construct()
+    if split is None:
+        return full, None
+    train, valid = split
+    dtrain = lgb.Dataset(Z[train], label=np.zeros(len(train)), params=params).construct()
+    dvalid = lgb.Dataset(Z[valid], label=np.zeros(len(valid)), reference=dtrain, params=params).construct()
+    return full, (dtrain, dvalid, train, valid)
+
+
+def _fit_gene(y, pool: queue.SimpleQueue, params: dict[str, Any], n_estimators: int, early_stopping_rounds: int | None) -> tuple[lgb.Booster, int]:
+    """Early-stop on the pair (when there is one), then refit on all rows; returns ``(booster, n_trees)``.
+
+    ``pool`` holds one :func:`_binned_datasets` per parallel job: a gene
+    borrows one, relabels it, and gives it back.
+    """
+    full, pair = pool.get()
+    try:
+        n_trees = n_estimators
+        if pair is not None:
+            dtrain, dvalid, train, valid = pair
+            dtrain.set_label(y[train])
+            dvalid.set_label(y[valid])
+            stop = lgb.early_stopping(early_stopping_rounds, first_metric_only=True, verbose=False)
+            probe = lgb.train(params, dtrain, num_boost_round=n_estimators, valid_sets=[dvalid], callbacks=[stop])
+            n_trees = max(1, probe.best_iteration or n_estimators)
+        # Refit on every spot: with few sections the held-out group is a third of the data (see LGBMHead notes).
+        full.set_label(y)
+        return lgb.train(params, full, num_boost_round=n_trees), n_trees
+    finally:
+        pool.put((full, pair))
 
 
 class LGBMHead(Head):
@@ -209,12 +232,13 @@ class LGBMHead(Head):
         self.transform_ = FeatureTransform(n_components=self.n_components).fit(X)
         Z = self.transform_.transform(X)
         split = validation_split(len(Z), groups, self.validation_fraction, self.random_state) if self.early_stopping_rounds else None
-        if split is not None:
-            split = (Z[split[0]], Z[split[1]], *split)  # sliced once, shared by every gene
         jobs, threads = self._threads(Y2.shape[1])
         params = self._lgb_params(threads)
+        pool: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(jobs):
+            pool.put(_binned_datasets(Z, split, params))
         fitted = Parallel(n_jobs=jobs, prefer="threads")(
-            delayed(_fit_gene)(Z, Y2[:, j], split, params, self.n_estimators, self.early_stopping_rounds) for j in range(Y2.shape[1])
+            delayed(_fit_gene)(Y2[:, j], pool, params, self.n_estimators, self.early_stopping_rounds) for j in range(Y2.shape[1])
         )
         self.boosters_ = [b for b, _ in fitted]
         self.best_iteration_ = np.array([n for _, n in fitted], dtype=np.int64)

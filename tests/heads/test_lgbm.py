@@ -46,6 +46,29 @@ def test_deterministic_and_independent_of_n_jobs(linear_data):
     np.testing.assert_array_equal(a, c)
 
 
+@pytest.mark.parametrize("early_stopping_rounds", [5, None])
+def test_relabelled_datasets_give_the_boosters_of_fresh_ones(linear_data, early_stopping_rounds):
+    """Binning once and relabelling per gene (2 jobs sharing the datasets) trains what fresh datasets train."""
+    import lightgbm as lgb
+
+    X, Y, groups = linear_data
+    head = LGBMHead(**dict(FAST, subsample=0.7, n_jobs=2, early_stopping_rounds=early_stopping_rounds)).fit(X, Y, groups=groups)
+    Z = head.transform_.transform(X)
+    params = head._lgb_params(1)
+    split = validation_split(len(Z), groups, head.validation_fraction, head.random_state)
+    for j, booster in enumerate(head.boosters_):
+        n_trees = FAST["n_estimators"]
+        if early_stopping_rounds:
+            train, valid = split
+            dtrain = lgb.Dataset(Z[train], label=Y[train, j], params=params)
+            dvalid = lgb.Dataset(Z[valid], label=Y[valid, j], reference=dtrain, params=params)
+            stop = lgb.early_stopping(early_stopping_rounds, first_metric_only=True, verbose=False)
+            n_trees = lgb.train(params, dtrain, num_boost_round=n_trees, valid_sets=[dvalid], callbacks=[stop]).best_iteration
+        fresh = lgb.train(params, lgb.Dataset(Z, label=Y[:, j], params=params), num_boost_round=n_trees)
+        assert head.best_iteration_[j] == n_trees
+        np.testing.assert_array_equal(booster.predict(Z), fresh.predict(Z))
+
+
 def test_early_stopping_stops_on_noise():
     rng = np.random.default_rng(1)
     X, Y = rng.normal(size=(300, 8)), rng.normal(size=(300, 2))
