@@ -77,7 +77,9 @@ def _binned_datasets(Z: np.ndarray, split, params: dict[str, Any]) -> tuple[lgb.
     return full, (dtrain, dvalid, train, valid)
 
 
-def _fit_gene(y, pool: queue.SimpleQueue, params: dict[str, Any], n_estimators: int, early_stopping_rounds: int | None) -> tuple[lgb.Booster, int]:
+def _fit_gene(
+    y, pool: queue.SimpleQueue, params: dict[str, Any], n_estimators: int, early_stopping_rounds: int | None
+) -> tuple[lgb.Booster, int]:
     """Early-stop on the pair (when there is one), then refit on all rows; returns ``(booster, n_trees)``.
 
     ``pool`` holds one :func:`_binned_datasets` per parallel job: a gene
