@@ -6,7 +6,7 @@ search space is the (optionally standardised and PCA-reduced) embedding
 itself. Neighbours come from faiss (exact flat search, or IVF for millions of
 references) or, for exact cosine search over thousands of references on CPUs
 with native bfloat16 products, from a bfloat16-screened exact search
-(:mod:`virtualst.heads.screened_search`, ~1.8x faster); the number of
+(:mod:`virtualst.heads.screened_search`, 1.5-1.9x faster); the number of
 neighbours ``k`` and the softmax temperature are chosen by group-aware inner
 cross-validation.
 
