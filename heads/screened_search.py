@@ -40,7 +40,7 @@ import time
 import faiss
 import numpy as np
 
-__all__ = ["BF16ScreenIndex", "bf16_screen_ok", "candidate_threshold", "screen_error_bound"]
+__all__ = ["BF16ScreenIndex", "bf16_model_holds", "bf16_screen_ok", "candidate_threshold", "screen_error_bound"]
 
 #: Unit roundoff of bfloat16 (8 significant bits, round to nearest even).
 BF16_UNIT = 2.0**-8
@@ -246,28 +246,45 @@ class BF16ScreenIndex:
 
 
 @functools.cache
-def bf16_screen_ok() -> bool:
-    """Whether :class:`BF16ScreenIndex` is sound and worthwhile here (cached per process).
+def bf16_model_holds() -> bool:
+    """Whether torch's bfloat16 products here obey the error model of the module docstring (cached).
 
-    True when torch is importable, a probe bfloat16 product obeys the error
-    model in the module docstring (float32 accumulation, output rounded to
-    nearest), and it runs in at most half the time of the same float32
-    product — i.e. the CPU has native bfloat16 dot products.
+    False without torch, or when a probe product's output strays from the
+    float64 product of its bfloat16 inputs by more than float32 accumulation
+    and one rounding to nearest allow.
     """
     try:
         import torch
     except ImportError:
         return False
-    rng, d = np.random.default_rng(0), 1024
-    a = rng.standard_normal((256, d)).astype(np.float32)
-    b = rng.standard_normal((4096, d)).astype(np.float32)
-    ab, bb = torch.from_numpy(a).to(torch.bfloat16), torch.from_numpy(b).to(torch.bfloat16)
-    v = (ab @ bb.T).double()
-    exact = ab.double() @ bb.double().T
-    allowed = BF16_UNIT / (1 - BF16_UNIT) * v.abs() + _gamma(d) * (ab.double().abs() @ bb.double().abs().T)
-    if not bool(((v - exact).abs() <= allowed).all()):
+    rng = np.random.default_rng(0)
+    a = torch.from_numpy(rng.standard_normal((256, 1024)).astype(np.float32)).to(torch.bfloat16)
+    b = torch.from_numpy(rng.standard_normal((4096, 1024)).astype(np.float32)).to(torch.bfloat16)
+    return obeys_error_model(a, b, a @ b.T)
+
+
+def obeys_error_model(a, b, v) -> bool:
+    """Whether ``v`` (bfloat16) is ``a @ b.T`` (bfloat16 tensors) up to float32 accumulation and one rounding to nearest."""
+    a, b, v = a.double(), b.double(), v.double()
+    allowed = BF16_UNIT / (1 - BF16_UNIT) * v.abs() + _gamma(a.shape[1]) * (a.abs() @ b.abs().T)
+    return bool(((v - a @ b.T).abs() <= allowed).all())
+
+
+@functools.cache
+def bf16_screen_ok() -> bool:
+    """Whether :class:`BF16ScreenIndex` is sound and worthwhile here (cached per process).
+
+    True when :func:`bf16_model_holds` and a bfloat16 product runs in at most
+    half the time of the same float32 product — i.e. the CPU has native
+    bfloat16 dot products.
+    """
+    if not bf16_model_holds():
         return False
-    a32, b32 = torch.from_numpy(a), torch.from_numpy(b)
+    import torch
+
+    rng = np.random.default_rng(0)
+    a, b = (torch.from_numpy(rng.standard_normal(shape).astype(np.float32)) for shape in ((256, 1024), (4096, 1024)))
+    ab, bb = a.to(torch.bfloat16), b.to(torch.bfloat16)
 
     def best(f) -> float:
         times = []
@@ -277,4 +294,4 @@ def bf16_screen_ok() -> bool:
             times.append(time.perf_counter() - t)
         return min(times)
 
-    return best(lambda: ab @ bb.T) <= 0.5 * best(lambda: a32 @ b32.T)
+    return best(lambda: ab @ bb.T) <= 0.5 * best(lambda: a @ b.T)

@@ -16,6 +16,9 @@ from virtualst.heads.screened_search import BF16_UNIT, BF16ScreenIndex, candidat
 
 REL = BF16_UNIT / (1 - BF16_UNIT)  # output rounding, relative to the bfloat16 score
 
+#: The bound (and so the screen's exactness) rests on the arithmetic the probe checks.
+needs_model = pytest.mark.skipif(not screened_search.bf16_model_holds(), reason="this CPU's bfloat16 products break the error model")
+
 
 def pairwise_scores(Q: np.ndarray, R: np.ndarray) -> np.ndarray:
     """Every pairwise float32 score the index re-scores with, (n_queries, n_references)."""
@@ -61,6 +64,7 @@ def test_bf16_floor_is_the_largest_bfloat16_not_above():
     assert (up > x).all()
 
 
+@needs_model
 @pytest.mark.parametrize("scale", ["unit", "wide"])
 def test_bound_covers_every_pair(scale):
     """|shifted bfloat16 score + shift - pairwise float32 score| <= the bound for every pair, also for non-unit vectors."""
@@ -93,6 +97,7 @@ def test_candidates_are_the_scores_whose_upper_bound_reaches_the_kth_lower_bound
         np.testing.assert_array_equal(v >= t, reaches)
 
 
+@needs_model
 @pytest.mark.parametrize("k", [1, 10, 900])
 def test_search_equals_brute_force(clustered, k):
     R, Q = clustered
@@ -101,6 +106,7 @@ def test_search_equals_brute_force(clustered, k):
     np.testing.assert_array_equal(scores, np.take_along_axis(pairwise_scores(Q, R), idx, axis=1))
 
 
+@needs_model
 def test_answer_does_not_depend_on_chunking(clustered):
     R, Q = clustered
     index = BF16ScreenIndex(R)
@@ -109,6 +115,7 @@ def test_answer_does_not_depend_on_chunking(clustered):
         np.testing.assert_array_equal(index.search(Q, 25, chunk=chunk)[1], whole)
 
 
+@needs_model
 def test_ties_go_to_the_lower_index_and_zero_rows_work():
     rng = np.random.default_rng(2)
     base = unit(rng.normal(size=(150, 48)))
@@ -119,6 +126,7 @@ def test_ties_go_to_the_lower_index_and_zero_rows_work():
     assert idx[-1].tolist() == list(range(12))  # a zero query ties everything: the first 12
 
 
+@needs_model
 def test_screen_keeps_few_candidates():
     """On unit vectors with spread-out scores the screen re-scores a small share of the references."""
     rng = np.random.default_rng(4)
@@ -128,6 +136,7 @@ def test_screen_keeps_few_candidates():
     assert 10 * len(Q) <= index.candidates_ < 0.05 * len(R) * len(Q)
 
 
+@needs_model
 def test_dense_chunks_fall_back_to_faiss(monkeypatch):
     """When too many references survive the screen, faiss's brute force answers (same neighbours without ties)."""
     rng = np.random.default_rng(6)
@@ -146,15 +155,30 @@ def test_rejects_k_out_of_range(clustered):
         BF16ScreenIndex(R).search(Q, 901)
 
 
-def test_probe_is_false_without_torch(monkeypatch):
-    screened_search.bf16_screen_ok.cache_clear()
+def test_error_model_check_accepts_rounding_to_nearest_and_rejects_truncation():
+    rng = np.random.default_rng(9)
+    a, b = (torch.from_numpy(rng.standard_normal(shape)).to(torch.bfloat16) for shape in ((64, 256), (300, 256)))
+    exact = a.double() @ b.double().T
+    nearest = exact.float().to(torch.bfloat16)  # float64 -> float32 -> bfloat16: within float32 error of one rounding
+    truncated = (exact.float().view(torch.int32) & -65536).view(torch.float32).to(torch.bfloat16)  # toward zero
+    assert screened_search.obeys_error_model(a, b, nearest)
+    assert not screened_search.obeys_error_model(a, b, truncated)
+    assert screened_search.obeys_error_model(a, b, a @ b.T) == screened_search.bf16_model_holds()
+
+
+def test_probes_are_false_without_torch(monkeypatch):
+    probes = (screened_search.bf16_model_holds, screened_search.bf16_screen_ok)
+    for probe in probes:
+        probe.cache_clear()
     monkeypatch.setitem(sys.modules, "torch", None)
     try:
-        assert screened_search.bf16_screen_ok() is False
+        assert [probe() for probe in probes] == [False, False]
     finally:
-        screened_search.bf16_screen_ok.cache_clear()
+        for probe in probes:
+            probe.cache_clear()
 
 
+@needs_model
 def test_knn_head_searches_through_the_screen(monkeypatch):
     """Forced on (any CPU), the screen gives KNNHead the faiss path's neighbours, CV scores and predictions.
 
