@@ -1,4 +1,4 @@
-"""Neighbour-search speed: KNNHead's faiss search path against scikit-learn brute force.
+"""Neighbour-search speed: KNNHead's exact search against scikit-learn brute force.
 
 Run ``python -m virtualst.bench.knn_speed [--references 20000 --queries 5000
 --dims 1024 --k 50 --data mixture]``. On deterministic synthetic embeddings
