@@ -28,7 +28,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from virtualst.heads.base import Head
 from virtualst.heads.cv import inner_splits
 from virtualst.heads.features import FeatureTransform
-from virtualst.heads.screened_search import BF16ScreenIndex, bf16_screen_ok
+from virtualst.heads.screened_search import BF16ScreenIndex, bf16_screen_ok, pair_scores
 
 __all__ = ["KNNHead", "softmax_weights"]
 
@@ -132,15 +132,10 @@ def _rescore(queries: np.ndarray, vectors: np.ndarray, idx: np.ndarray, metric: 
 
     faiss rounds differently on its BLAS path (batches of >= 20 queries) and
     its SIMD path, so the search's own scores depend on how queries were
-    batched. One dot product per (query, neighbour) pair, in C without
-    temporaries, makes the weights independent of batching.
+    batched; :func:`~virtualst.heads.screened_search.pair_scores` makes the
+    weights independent of batching.
     """
-    n, k = idx.shape
-    out = np.zeros((n, k), dtype=np.float32)
-    ids = np.ascontiguousarray(np.maximum(idx, 0), dtype=np.int64)
-    by_idx = faiss.fvec_inner_products_by_idx if metric == "cosine" else faiss.fvec_L2sqr_by_idx
-    by_idx(faiss.swig_ptr(out), faiss.swig_ptr(queries), faiss.swig_ptr(vectors), faiss.swig_ptr(ids), vectors.shape[1], n, k)
-    sims = out.astype(np.float64)
+    sims = pair_scores(queries, vectors, np.maximum(idx, 0), l2=metric == "l2").astype(np.float64)
     if metric == "l2":
         sims /= -2.0 * scale
     sims[idx < 0] = -np.inf

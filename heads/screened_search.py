@@ -35,12 +35,13 @@ fast) before :mod:`virtualst.heads.knn` uses the screen.
 from __future__ import annotations
 
 import functools
-import time
 
 import faiss
 import numpy as np
 
-__all__ = ["BF16ScreenIndex", "bf16_model_holds", "bf16_screen_ok", "candidate_threshold", "screen_error_bound"]
+from virtualst.bench.timing import best_time
+
+__all__ = ["BF16ScreenIndex", "bf16_model_holds", "bf16_screen_ok", "candidate_threshold", "pair_scores", "screen_error_bound"]
 
 #: Unit roundoff of bfloat16 (8 significant bits, round to nearest even).
 BF16_UNIT = 2.0**-8
@@ -56,6 +57,21 @@ _PIVOTS = 128
 _DENSE_SHARE = 16
 #: Width of the shift column plus zero padding (keeps rows a multiple of 32 bfloat16 values).
 _PAD = 32
+
+
+def pair_scores(queries: np.ndarray, vectors: np.ndarray, ids: np.ndarray, l2: bool = False) -> np.ndarray:
+    """Float32 inner products (squared L2 distances with ``l2``) of each query with the rows of ``vectors`` in its row of ``ids``.
+
+    One product per pair, in C (faiss), so a pair's score does not depend on
+    which other pairs are scored with it. ``ids`` (n_queries, m) must be valid
+    row indices.
+    """
+    queries, vectors = (np.ascontiguousarray(a, dtype=np.float32) for a in (queries, vectors))  # no copy when already so
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    out = np.empty(ids.shape, dtype=np.float32)
+    by_idx = faiss.fvec_L2sqr_by_idx if l2 else faiss.fvec_inner_products_by_idx
+    by_idx(faiss.swig_ptr(out), faiss.swig_ptr(queries), faiss.swig_ptr(vectors), faiss.swig_ptr(ids), vectors.shape[1], *ids.shape)
+    return out
 
 
 def _gamma(d: int) -> float:
@@ -98,7 +114,7 @@ def screen_error_bound(d: int, q_norm, qb_norm, q_err, r_norm: float, rb_norm: f
     bound = q_err * r_norm + qb_norm * r_err + gamma * (qb_norm * rb_norm + np.abs(shift) + q_norm * r_norm)
     # Flushed subnormal inputs/partial sums: < 2^-126 per term, per input element (‖x‖_1 <= sqrt(d) ‖x‖).
     bound += _TINY * (2 * d + 2 + np.sqrt(d) * (qb_norm + rb_norm))
-    return bound * (1 + 1e-6)  # the float64 norms' own rounding
+    return bound * (1 + 1e-6)  # this sum's own float64 rounding
 
 
 def candidate_threshold(kth: np.ndarray, a: np.ndarray) -> np.ndarray:
@@ -236,13 +252,18 @@ class BF16ScreenIndex:
 
     def _best(self, q: np.ndarray, ids: np.ndarray, counts: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """``(scores, ids)`` of the ``k`` candidates with the largest pairwise float32 scores, best first, ties to the lower index."""
-        scores = np.empty(ids.shape, dtype=np.float32)
-        faiss.fvec_inner_products_by_idx(
-            faiss.swig_ptr(scores), faiss.swig_ptr(q), faiss.swig_ptr(self.vectors), faiss.swig_ptr(ids), self.d, len(q), ids.shape[1]
-        )
+        scores = pair_scores(q, self.vectors, ids)
         scores[np.arange(ids.shape[1]) >= counts[:, None]] = -np.inf  # padding
         best = np.argsort(-scores, axis=1, kind="stable")[:, :k]  # stable: candidates are in index order
         return np.take_along_axis(scores, best, axis=1), np.take_along_axis(ids, best, axis=1)
+
+
+def _probe_operands():
+    """The probes' float32 operands: (256, 1024) and (4096, 1024) standard normal tensors."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    return tuple(torch.from_numpy(rng.standard_normal(shape).astype(np.float32)) for shape in ((256, 1024), (4096, 1024)))
 
 
 @functools.cache
@@ -257,9 +278,7 @@ def bf16_model_holds() -> bool:
         import torch
     except ImportError:
         return False
-    rng = np.random.default_rng(0)
-    a = torch.from_numpy(rng.standard_normal((256, 1024)).astype(np.float32)).to(torch.bfloat16)
-    b = torch.from_numpy(rng.standard_normal((4096, 1024)).astype(np.float32)).to(torch.bfloat16)
+    a, b = (x.to(torch.bfloat16) for x in _probe_operands())
     return obeys_error_model(a, b, a @ b.T)
 
 
@@ -282,16 +301,6 @@ def bf16_screen_ok() -> bool:
         return False
     import torch
 
-    rng = np.random.default_rng(0)
-    a, b = (torch.from_numpy(rng.standard_normal(shape).astype(np.float32)) for shape in ((256, 1024), (4096, 1024)))
+    a, b = _probe_operands()
     ab, bb = a.to(torch.bfloat16), b.to(torch.bfloat16)
-
-    def best(f) -> float:
-        times = []
-        for _ in range(3):
-            t = time.perf_counter()
-            f()
-            times.append(time.perf_counter() - t)
-        return min(times)
-
-    return best(lambda: ab @ bb.T) <= 0.5 * best(lambda: a @ b.T)
+    return best_time(lambda: ab @ bb.T, 3)[0] <= 0.5 * best_time(lambda: a @ b.T, 3)[0]

@@ -22,11 +22,8 @@ needs_model = pytest.mark.skipif(not screened_search.bf16_model_holds(), reason=
 
 def pairwise_scores(Q: np.ndarray, R: np.ndarray) -> np.ndarray:
     """Every pairwise float32 score the index re-scores with, (n_queries, n_references)."""
-    Q, R = np.ascontiguousarray(Q, dtype=np.float32), np.ascontiguousarray(R, dtype=np.float32)
-    ids = np.tile(np.arange(len(R), dtype=np.int64), (len(Q), 1))
-    out = np.empty(ids.shape, dtype=np.float32)
-    faiss.fvec_inner_products_by_idx(faiss.swig_ptr(out), faiss.swig_ptr(Q), faiss.swig_ptr(R), faiss.swig_ptr(ids), R.shape[1], len(Q), len(R))
-    return out
+    R = np.ascontiguousarray(R, dtype=np.float32)
+    return screened_search.pair_scores(Q, R, np.tile(np.arange(len(R)), (len(Q), 1)))
 
 
 def brute_top_k(Q: np.ndarray, R: np.ndarray, k: int) -> np.ndarray:
