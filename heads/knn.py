@@ -6,7 +6,7 @@ search space is the (optionally standardised and PCA-reduced) embedding
 itself. Neighbours come from faiss (exact flat search, or IVF for millions of
 references) or, for exact cosine search over thousands of references on CPUs
 with native bfloat16 products, from a bfloat16-screened exact search
-(:mod:`virtualst.heads.screened_search`, 1.5-1.9x faster); the number of
+(:mod:`virtualst.heads.screened_search`, 1.7-2.4x faster); the number of
 neighbours ``k`` and the softmax temperature are chosen by group-aware inner
 cross-validation.
 
@@ -64,9 +64,10 @@ def softmax_weights(similarity: np.ndarray, temperature: float) -> np.ndarray:
 
 # ----------------------------------------------------------------- search internals
 def _unit_rows(Z: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit L2 norm (zero rows stay zero)."""
-    norms = np.linalg.norm(Z, axis=1, keepdims=True)
-    return Z / np.where(norms > 0, norms, 1.0)
+    """Rows scaled to unit L2 norm (zero rows stay zero), in ``Z``'s float dtype; norms summed in float64."""
+    Z = np.asarray(Z, dtype=np.result_type(Z.dtype, np.float32))
+    norms = np.sqrt(np.einsum("ij,ij->i", Z, Z, dtype=np.float64))[:, None]
+    return Z / np.where(norms > 0, norms, 1.0).astype(Z.dtype)
 
 
 def _distance_scale(vectors: np.ndarray, metric: str) -> float:
@@ -135,7 +136,7 @@ def _rescore(queries: np.ndarray, vectors: np.ndarray, idx: np.ndarray, metric: 
     batched; :func:`~virtualst.heads.screened_search.pair_scores` makes the
     weights independent of batching.
     """
-    sims = pair_scores(queries, vectors, np.maximum(idx, 0), l2=metric == "l2").astype(np.float64)
+    sims = pair_scores(queries, vectors, idx, l2=metric == "l2").astype(np.float64)
     if metric == "l2":
         sims /= -2.0 * scale
     sims[idx < 0] = -np.inf
@@ -149,7 +150,7 @@ def _neighbours(index, queries: np.ndarray, vectors: np.ndarray, k: int, metric:
     if isinstance(index, BF16ScreenIndex):  # already _rescore's pairwise scores, best first
         return scores.astype(np.float64), idx
     sims = _rescore(queries, vectors, idx, metric, scale)
-    order = np.argsort(-sims, axis=1, kind="stable")
+    order = np.lexsort((idx, -sims), axis=1)  # ties to the lower index, as the screen orders them
     return np.take_along_axis(sims, order, axis=1), np.take_along_axis(idx, order, axis=1)
 
 
@@ -336,7 +337,7 @@ class KNNHead(Head):
 
     def _queries(self, X: np.ndarray, transform: FeatureTransform | None) -> np.ndarray:
         """Validated rows of ``X`` in the search space."""
-        Z = np.asarray(X, dtype=np.float64) if transform is None else transform.transform(X)
+        Z = X if transform is None else transform.transform(X)
         return _unit_rows(Z) if self.metric == "cosine" else Z
 
     def fit(self, X, y, groups=None) -> KNNHead:

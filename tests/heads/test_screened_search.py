@@ -41,9 +41,19 @@ def clustered():
     """Unit references around 6 tight centres (many near-ties at the k-th score), queries from the same centres."""
     rng = np.random.default_rng(3)
     centres = rng.normal(size=(6, 96))
-    R = unit(centres[rng.integers(0, 6, 900)] + rng.normal(scale=0.3, size=(900, 96)))
+    R = unit(centres[rng.integers(0, 6, 4000)] + rng.normal(scale=0.3, size=(4000, 96)))
     Q = unit(centres[rng.integers(0, 6, 70)] + rng.normal(scale=0.3, size=(70, 96)))
     return R, Q
+
+
+@pytest.fixture
+def screened_only(monkeypatch):
+    """Fails the test if a search falls back to faiss: what it checks is the screen's own answer."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the search fell back to faiss")
+
+    monkeypatch.setattr(screened_search.faiss, "knn", refuse)
 
 
 def test_bf16_floor_is_the_largest_bfloat16_not_above():
@@ -95,8 +105,8 @@ def test_candidates_are_the_scores_whose_upper_bound_reaches_the_kth_lower_bound
 
 
 @needs_model
-@pytest.mark.parametrize("k", [1, 10, 900])
-def test_search_equals_brute_force(clustered, k):
+@pytest.mark.parametrize("k", [1, 10, 40])
+def test_search_equals_brute_force(clustered, screened_only, k):
     R, Q = clustered
     scores, idx = BF16ScreenIndex(R).search(Q, k)
     np.testing.assert_array_equal(idx, brute_top_k(Q, R, k))
@@ -104,27 +114,49 @@ def test_search_equals_brute_force(clustered, k):
 
 
 @needs_model
-def test_answer_does_not_depend_on_chunking(clustered):
+@pytest.mark.parametrize("k", [300, 4000])
+def test_k_beyond_a_sixteenth_of_the_references_goes_to_faiss(clustered, k):
     R, Q = clustered
     index = BF16ScreenIndex(R)
-    whole = index.search(Q, 25)[1]
-    for chunk in (1, 7, 64):
-        np.testing.assert_array_equal(index.search(Q, 25, chunk=chunk)[1], whole)
+    scores, idx = index.search(Q, k)
+    assert index.candidates_ == k * len(Q)
+    np.testing.assert_array_equal(scores, np.take_along_axis(pairwise_scores(Q, R), idx, axis=1))
+    assert (np.diff(scores, axis=1) <= 0).all()
 
 
 @needs_model
-def test_ties_go_to_the_lower_index_and_zero_rows_work():
+def test_answer_does_not_depend_on_chunking_or_query_order(clustered, screened_only):
+    R, Q = clustered
+    index = BF16ScreenIndex(R)
+    whole = index.search(Q, 10)[1]
+    for chunk in (1, 7, 64):
+        np.testing.assert_array_equal(index.search(Q, 10, chunk=chunk)[1], whole)
+    order = np.random.default_rng(0).permutation(len(Q))
+    np.testing.assert_array_equal(index.search(Q[order], 10, chunk=7)[1], whole[order])
+
+
+@needs_model
+def test_ties_go_to_the_lower_index_and_zero_references_work(screened_only):
     rng = np.random.default_rng(2)
-    base = unit(rng.normal(size=(150, 48)))
+    base = unit(rng.normal(size=(1500, 48)))
     R = np.concatenate([base, base[::-1], np.zeros((5, 48), np.float32)])  # every vector twice, and zero rows
+    Q = unit(rng.normal(size=(20, 48)))
+    _, idx = BF16ScreenIndex(R).search(Q, 12)
+    np.testing.assert_array_equal(idx, brute_top_k(Q, R, 12))
+
+
+@needs_model
+def test_a_zero_query_ties_everything():
+    rng = np.random.default_rng(2)
+    R = unit(rng.normal(size=(3000, 48)))
     Q = np.concatenate([unit(rng.normal(size=(20, 48))), np.zeros((2, 48), np.float32)])
     _, idx = BF16ScreenIndex(R).search(Q, 12)
     np.testing.assert_array_equal(idx, brute_top_k(Q, R, 12))
-    assert idx[-1].tolist() == list(range(12))  # a zero query ties everything: the first 12
+    assert idx[-1].tolist() == list(range(12))  # the first 12
 
 
 @needs_model
-def test_screen_keeps_few_candidates():
+def test_screen_keeps_few_candidates(screened_only):
     """On unit vectors with spread-out scores the screen re-scores a small share of the references."""
     rng = np.random.default_rng(4)
     R, Q = unit(rng.normal(size=(5000, 64))), unit(rng.normal(size=(40, 64)))
@@ -146,10 +178,45 @@ def test_dense_chunks_fall_back_to_faiss(monkeypatch):
     np.testing.assert_array_equal(scores, np.take_along_axis(pairwise_scores(Q, R), idx, axis=1))
 
 
+@needs_model
+def test_near_identical_references_go_to_faiss():
+    """Scores all within the bound of each other: the first chunk is dense, faiss searches it and the rest at once."""
+    rng = np.random.default_rng(7)
+    centre = rng.normal(size=64)
+    R = unit(centre + 1e-4 * rng.normal(size=(500, 64)))
+    Q = unit(centre + 1e-4 * rng.normal(size=(40, 64)))
+    index = BF16ScreenIndex(R)
+    scores, idx = index.search(Q, 5, chunk=8)
+    assert index.candidates_ == 5 * len(Q)
+    np.testing.assert_array_equal(scores, np.take_along_axis(pairwise_scores(Q, R), idx, axis=1))
+    assert (np.diff(scores, axis=1) <= 0).all()
+
+
+def test_top_k_columns_orders_by_score_then_column():
+    rng = np.random.default_rng(1)
+    S = rng.choice(np.float32([-np.inf, -2.5, -1.0, -0.0, 0.0, 1e-30, 0.5, 0.5, 3.0]), size=(300, 40))
+    S[:, :20] = rng.normal(size=(300, 20)).astype(np.float32)
+    for k in (1, 7, 40):
+        np.testing.assert_array_equal(screened_search._top_k_columns(S, k), np.argsort(-S, axis=1, kind="stable")[:, :k])
+
+
 def test_rejects_k_out_of_range(clustered):
     R, Q = clustered
-    with pytest.raises(ValueError, match=r"k must be in \[1, 900\], got 901"):
-        BF16ScreenIndex(R).search(Q, 901)
+    with pytest.raises(ValueError, match=r"k must be in \[1, 4000\], got 4001"):
+        BF16ScreenIndex(R).search(Q, 4001)
+
+
+@pytest.mark.parametrize("bad", ["inf", "nan", "huge"])
+def test_rejects_queries_whose_scores_leave_float32(clustered, bad):
+    R, Q = clustered
+    R, Q = R.copy(), Q.copy()
+    if bad == "huge":  # norms 1e19 x 1e19: finite float32 norms, scores past 2^125
+        R *= np.float32(1e19)
+        Q[3] *= np.float32(1e19)
+    else:
+        Q[3, 0] = float(bad)
+    with pytest.raises(ValueError, match="finite vectors whose norms multiply to < 2\\^125"):
+        BF16ScreenIndex(R).search(Q, 5)
 
 
 def test_error_model_check_accepts_rounding_to_nearest_and_rejects_truncation():
@@ -176,18 +243,18 @@ def test_probes_are_false_without_torch(monkeypatch):
 
 
 @needs_model
-def test_knn_head_searches_through_the_screen(monkeypatch):
+def test_knn_head_searches_through_the_screen(monkeypatch, screened_only):
     """Forced on (any CPU), the screen gives KNNHead the faiss path's neighbours, CV scores and predictions.
 
     Spread-out data: with no float32 ties both searches must agree exactly.
     """
     rng = np.random.default_rng(8)
-    R, Q = rng.normal(size=(900, 32)), rng.normal(size=(50, 32))
+    R, Q = rng.normal(size=(4000, 32)), rng.normal(size=(50, 32))
     Y = R[:, :3] @ rng.normal(size=(3, 4)) + 0.1 * rng.normal(size=(len(R), 4))
     groups = np.arange(len(R)) % 3
     params = {"k_grid": (5, 20), "temperature_grid": (0.03, 0.3), "standardize": False, "n_components": None}
     plain = KNNHead(**params).fit(R, Y, groups=groups)
-    assert isinstance(plain._search_index(), faiss.Index)  # 900 references: below the screen's minimum
+    assert isinstance(plain._search_index(), faiss.Index)  # 4,000 references: below the screen's minimum
     monkeypatch.setattr(knn, "SCREEN_MIN_REFERENCES", 1)
     monkeypatch.setattr(knn, "bf16_screen_ok", lambda: True)
     screened = KNNHead(**params).fit(R, Y, groups=groups)
