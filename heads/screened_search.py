@@ -92,8 +92,9 @@ def _bf16_rows(vectors: np.ndarray):
     """``(rows, ‖v‖, ‖bf16(v)‖, ‖v - bf16(v)‖)``: the norms as float64 upper bounds.
 
     ``rows`` (n, d + _PAD) bfloat16 holds ``bf16(v)`` then ``_PAD`` zeros
-    (for the shift and padding-flag columns, then padding). The norms are taken in float32 and raised
-    by their worst rounding error; ``v - bf16(v)`` is exact in float32.
+    (for the shift and padding-flag columns, then padding). The norms are
+    taken in float32 and raised by their worst rounding error;
+    ``v - bf16(v)`` is exact in float32.
     """
     import torch
 
@@ -168,7 +169,7 @@ class BF16ScreenIndex:
     ----------
     candidates_ : int
         References re-scored, summed over every query searched (``k`` per
-        query of a chunk searched by faiss instead).
+        query searched by faiss instead).
 
     Notes
     -----

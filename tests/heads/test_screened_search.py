@@ -32,6 +32,12 @@ def brute_top_k(Q: np.ndarray, R: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-S, axis=1, kind="stable")[:, :k]
 
 
+def assert_pairwise_best_first(scores: np.ndarray, idx: np.ndarray, Q: np.ndarray, R: np.ndarray) -> None:
+    """The search's scores are the pairwise float32 scores of its neighbours, best first."""
+    np.testing.assert_array_equal(scores, np.take_along_axis(pairwise_scores(Q, R), idx, axis=1))
+    assert (np.diff(scores, axis=1) <= 0).all()
+
+
 def unit(A: np.ndarray) -> np.ndarray:
     return (A / np.maximum(np.linalg.norm(A, axis=1, keepdims=True), 1e-30)).astype(np.float32)
 
@@ -110,7 +116,7 @@ def test_search_equals_brute_force(clustered, screened_only, k):
     R, Q = clustered
     scores, idx = BF16ScreenIndex(R).search(Q, k)
     np.testing.assert_array_equal(idx, brute_top_k(Q, R, k))
-    np.testing.assert_array_equal(scores, np.take_along_axis(pairwise_scores(Q, R), idx, axis=1))
+    assert_pairwise_best_first(scores, idx, Q, R)
 
 
 @needs_model
@@ -120,8 +126,7 @@ def test_k_beyond_a_sixteenth_of_the_references_goes_to_faiss(clustered, k):
     index = BF16ScreenIndex(R)
     scores, idx = index.search(Q, k)
     assert index.candidates_ == k * len(Q)
-    np.testing.assert_array_equal(scores, np.take_along_axis(pairwise_scores(Q, R), idx, axis=1))
-    assert (np.diff(scores, axis=1) <= 0).all()
+    assert_pairwise_best_first(scores, idx, Q, R)
 
 
 @needs_model
@@ -175,7 +180,7 @@ def test_dense_chunks_fall_back_to_faiss(monkeypatch):
     scores, idx = index.search(Q, 8, chunk=7)
     assert index.candidates_ == 8 * len(Q)
     np.testing.assert_array_equal(idx, brute_top_k(Q, R, 8))
-    np.testing.assert_array_equal(scores, np.take_along_axis(pairwise_scores(Q, R), idx, axis=1))
+    assert_pairwise_best_first(scores, idx, Q, R)
 
 
 @needs_model
@@ -188,8 +193,7 @@ def test_near_identical_references_go_to_faiss():
     index = BF16ScreenIndex(R)
     scores, idx = index.search(Q, 5, chunk=8)
     assert index.candidates_ == 5 * len(Q)
-    np.testing.assert_array_equal(scores, np.take_along_axis(pairwise_scores(Q, R), idx, axis=1))
-    assert (np.diff(scores, axis=1) <= 0).all()
+    assert_pairwise_best_first(scores, idx, Q, R)
 
 
 def test_top_k_columns_orders_by_score_then_column():
